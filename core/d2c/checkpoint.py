@@ -1,0 +1,87 @@
+"""Weights in and out.  Loading never unpickles code: safetensors, or
+`torch.load(weights_only=True)` for the public `.pt`/`.ckpt` containers."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+# Containers of the public files: LlamaGen GPT/VQ {"model": sd}; MAR {"model", "model_ema", ...};
+# KL-16 {"model": sd}.  MAR's published samples use the EMA weights, so they win.
+_CONTAINER_KEYS = ("model_ema", "model", "module", "state_dict", "ema")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message is one line for the user."""
+
+
+def load_state_dict_file(path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:  # truncated or not safetensors
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused to load, the file holds more than tensors "
+                              f"(weights_only=True: {first})") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    return unwrap(obj, str(path))
+
+
+def unwrap(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in _CONTAINER_KEYS:
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{source}: no state dict of tensors found (looked under {_CONTAINER_KEYS})")
+    # DDP / torch.compile prefixes
+    for prefix in ("module.", "_orig_mod."):
+        if obj and all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_into(model: torch.nn.Module, sd: dict, strict: bool = True, source: str = "checkpoint"):
+    """load_state_dict with one readable error: missing/unexpected keys and the first shape mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own
+              if k in sd and sd[k].shape != own[k].shape]
+    if shapes:
+        k, got, want = shapes[0]
+        raise CheckpointError(f"{source}: shape mismatch at {k}: checkpoint {got} vs model {want} "
+                              f"({len(shapes)} mismatching tensor(s)); wrong preset?")
+    if strict and (missing or unexpected):
+        def head(keys):
+            return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+        raise CheckpointError(f"{source}: keys do not match {type(model).__name__}: "
+                              f"missing [{head(missing)}]; unexpected [{head(unexpected)}]")
+    model.load_state_dict(sd, strict=strict)
+    return model
+
+
+def save_safetensors(model_or_sd, path) -> None:
+    """Atomic write: temp file in the same folder, fsync, rename."""
+    from safetensors.torch import save_file
+    sd = model_or_sd.state_dict() if isinstance(model_or_sd, torch.nn.Module) else model_or_sd
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(sd, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,204 @@
+"""Typed configs for every component, and the size presets.
+
+Field names follow the public code (LlamaGen `ModelArgs`, MAR `MAR.__init__`, LDM
+`ddconfig`) so that a reader can hold our presets against theirs.  Published presets
+reproduce the exact parameter counts in DESIGN.md section 3; the `*_tiny` presets are
+for tests and CPU laptops (32x32 images, 8x8 token grids).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class VQConfig:
+    """LlamaGen VQ-16 (`tokenizer/tokenizer_image/vq_model.py`)."""
+    codebook_size: int = 16384
+    codebook_embed_dim: int = 8
+    codebook_l2_norm: bool = True      # cosine VQ: codes and queries are L2-normalised
+    commit_loss_beta: float = 0.25
+    entropy_loss_ratio: float = 0.0
+    z_channels: int = 256
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    dropout: float = 0.0
+    image_size: int = 256
+
+    @property
+    def stride(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass
+class KLConfig:
+    """MAR KL-16 (LDM AutoencoderKL, `models/vae.py` in LTH14/mar)."""
+    embed_dim: int = 16
+    z_channels: int = 16
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    dropout: float = 0.0
+    image_size: int = 256
+    scale: float = 0.2325              # latent = posterior sample * scale (MAR)
+
+    @property
+    def stride(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass
+class GPTConfig:
+    """LlamaGen class-conditional GPT (`autoregressive/models/gpt.py`, ModelArgs)."""
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: Optional[int] = None
+    multiple_of: int = 256             # SwiGLU hidden = multiple_of-rounded 8*dim/3
+    ffn_dim_multiplier: Optional[float] = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    num_classes: int = 1000            # class table has num_classes + 1 rows; the last is null
+    class_dropout_prob: float = 0.1
+    vocab_size: int = 16384
+    cls_token_num: int = 1
+    block_size: int = 256              # image tokens (16x16 grid at 256px)
+
+
+@dataclass
+class FusionConfig:
+    """How stage 2 sees the discrete tokens (DESIGN.md section 4)."""
+    kind: str = "none"                 # none | cross_attn | qformer
+    codebook_size: int = 16384         # size of the stage-1 vocabulary (plus one null code row)
+    d_fuse: int = 768                  # width of the discrete-token embeddings
+    num_heads: int = 8
+    layers: Optional[tuple] = None     # cross_attn: decoder block indices; None = all
+    num_queries: int = 64              # qformer: learned queries (<= MAR buffer_size)
+    depth: int = 2                     # qformer: blocks of self-attn + cross-attn + MLP
+    mlp_ratio: float = 4.0
+
+    KINDS = ("none", "cross_attn", "qformer")
+
+
+@dataclass
+class MARConfig:
+    """MAR (`models/mar.py` in LTH14/mar) plus our fusion module."""
+    img_size: int = 256
+    vae_stride: int = 16
+    patch_size: int = 1
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    decoder_embed_dim: int = 768
+    decoder_depth: int = 12
+    decoder_num_heads: int = 12
+    mlp_ratio: float = 4.0
+    vae_embed_dim: int = 16
+    mask_ratio_min: float = 0.7
+    label_drop_prob: float = 0.1
+    class_num: int = 1000
+    attn_dropout: float = 0.1
+    proj_dropout: float = 0.1
+    buffer_size: int = 64
+    diffloss_d: int = 6
+    diffloss_w: int = 1024
+    num_sampling_steps: int = 100      # respaced DDPM steps at sampling time
+    diffusion_batch_mul: int = 4
+    grad_checkpointing: bool = False
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    @property
+    def seq_h(self) -> int:
+        return self.img_size // self.vae_stride // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.seq_h * self.seq_h
+
+    @property
+    def token_embed_dim(self) -> int:
+        return self.vae_embed_dim * self.patch_size ** 2
+
+
+# --------------------------------------------------------------------------- presets
+# Published sizes: DESIGN.md section 3 (counts measured from the public code).
+PRESETS: dict[str, object] = {
+    "vq_16": VQConfig(),
+    "kl_16": KLConfig(),
+    "gpt_b": GPTConfig(dim=768, n_layer=12, n_head=12),
+    "gpt_l": GPTConfig(dim=1024, n_layer=24, n_head=16),
+    "gpt_xl": GPTConfig(dim=1280, n_layer=36, n_head=20),
+    "mar_base": MARConfig(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                          decoder_embed_dim=768, decoder_depth=12, decoder_num_heads=12,
+                          diffloss_d=6, diffloss_w=1024),
+    "mar_large": MARConfig(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
+                           decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16,
+                           diffloss_d=8, diffloss_w=1280),
+    "mar_huge": MARConfig(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16,
+                          decoder_embed_dim=1280, decoder_depth=20, decoder_num_heads=16,
+                          diffloss_d=12, diffloss_w=1536),
+    # Tiny presets: 32x32 RGB images, stride-4 tokenizers -> 8x8 = 64 tokens.
+    "vq_tiny": VQConfig(codebook_size=512, codebook_embed_dim=8, z_channels=32, ch=32,
+                        ch_mult=(1, 2, 4), num_res_blocks=1, image_size=32),
+    "kl_tiny": KLConfig(embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1,
+                        image_size=32, scale=1.0),
+    "gpt_tiny": GPTConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, vocab_size=512,
+                          num_classes=10, block_size=64),
+    "mar_tiny": MARConfig(img_size=32, vae_stride=4, encoder_embed_dim=64, encoder_depth=2,
+                          encoder_num_heads=4, decoder_embed_dim=64, decoder_depth=2,
+                          decoder_num_heads=4, vae_embed_dim=4, class_num=10, buffer_size=8,
+                          diffloss_d=2, diffloss_w=64, num_sampling_steps=20,
+                          fusion=FusionConfig(codebook_size=512, d_fuse=64, num_heads=4,
+                                              num_queries=8, depth=1)),
+}
+
+
+def preset_kind(name: str) -> str:
+    cfg = PRESETS[name]
+    return {VQConfig: "vq", KLConfig: "kl", GPTConfig: "gpt", MARConfig: "mar"}[type(cfg)]
+
+
+def make_config(preset: str, **overrides):
+    """Copy of a preset with fields replaced; `fusion` may be a kind name or a dict."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
+    cfg = PRESETS[preset]
+    names = {f.name for f in dataclasses.fields(cfg)}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise ValueError(f"{preset}: unknown field(s) {bad}; allowed: {', '.join(sorted(names))}")
+    if "fusion" in overrides and isinstance(cfg, MARConfig):
+        fu = overrides["fusion"]
+        if isinstance(fu, str):
+            fu = dataclasses.replace(cfg.fusion, kind=fu)
+        elif isinstance(fu, dict):
+            fu = dataclasses.replace(cfg.fusion, **fu)
+        overrides["fusion"] = fu
+    cfg = dataclasses.replace(cfg, **overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg) -> None:
+    """Fail early with one line naming the field and what is allowed."""
+    if isinstance(cfg, MARConfig):
+        fu = cfg.fusion
+        if fu.kind not in FusionConfig.KINDS:
+            raise ValueError(f"fusion.kind={fu.kind!r}; allowed: {', '.join(FusionConfig.KINDS)}")
+        if fu.kind == "qformer" and not 0 < fu.num_queries <= cfg.buffer_size:
+            raise ValueError(f"fusion.num_queries={fu.num_queries}; allowed: 1..buffer_size={cfg.buffer_size}")
+        if fu.kind == "cross_attn" and fu.layers is not None:
+            bad = [i for i in fu.layers if not 0 <= i < cfg.decoder_depth]
+            if bad:
+                raise ValueError(f"fusion.layers={list(fu.layers)}; allowed: indices in 0..{cfg.decoder_depth - 1}")
+        if cfg.img_size % (cfg.vae_stride * cfg.patch_size):
+            raise ValueError(f"img_size={cfg.img_size} must be divisible by vae_stride*patch_size")
+    if isinstance(cfg, GPTConfig) and cfg.dim % cfg.n_head:
+        raise ValueError(f"dim={cfg.dim} must be divisible by n_head={cfg.n_head}")
