@@ -2,6 +2,7 @@
 `torch.load(weights_only=True)` for the public `.pt`/`.ckpt` containers."""
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 from pathlib import Path
@@ -28,7 +29,10 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
         except Exception as e:  # truncated or not safetensors
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # MAR's and LlamaGen's training scripts also store their argparse `args`; a Namespace only
+        # sets attributes, so it is allowed while every other global stays refused.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused to load, the file holds more than tensors "

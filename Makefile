@@ -1,0 +1,29 @@
+# Fresh machine: `make run` / `make test` create .venv and install what they need.
+# torch is pinned through constraints.txt so no dependency can pull a newer CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: install run test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install            ## the main job on the embedded default
+	$(PY) -m d2c.demo
+
+test: install           ## the whole suite, slow tests included (CI runs this)
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) -m pytest bench/ --benchmark-only
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

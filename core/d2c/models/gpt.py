@@ -1,0 +1,264 @@
+"""Stage 1: class-conditional GPT over VQ codes (LlamaGen c2i, Sun et al., arXiv 2406.06525).
+
+A Llama decoder: pre-norm RMSNorm (fp32), fused qkv without biases, SwiGLU MLP, 2D RoPE.
+The sequence is [class token, code 0, ..., code T-2]; position t predicts code t.
+Parameter names and shapes follow FoundationVision/LlamaGen `autoregressive/models/gpt.py`
+so its public `c2i_*.pt` files ({"model": sd}) load with strict=True; nothing else
+(rope table, KV caches) lives in the state dict.
+
+    model = Transformer(cfg)
+    logits = model(codes, labels)            # (B, T, vocab), teacher forced, fp32
+    loss = model.loss(codes, labels)         # CE in fp32
+Generation with the KV cache is `d2c.sampling.gpt_generate`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from d2c.config import GPTConfig
+from d2c.kernels.attention import attention
+
+
+def find_multiple(n: int, k: int) -> int:
+    """Smallest multiple of k that is >= n (SwiGLU width rounding, as in Llama)."""
+    return n if n % k == 0 else n + k - n % k
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, allow_null: bool = False) -> None:
+    """One-line ValueError for class ids outside [0, num_classes) (or == num_classes, the null
+    class, when `allow_null`), instead of an index error deep inside the embedding."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    hi = num_classes if allow_null else num_classes - 1
+    lo_v, hi_v = int(labels.min()), int(labels.max())
+    if lo_v < 0 or hi_v > hi:
+        raise ValueError(f"class labels must be in [0, {hi}] (num_classes={num_classes}); "
+                         f"got values in [{lo_v}, {hi_v}]")
+
+
+# ----------------------------------------------------------------------------- 2D RoPE
+def rope_2d_table(grid_size: int, head_dim: int, base: float = 10000.0, n_prefix: int = 1):
+    """(n_prefix + grid_size**2, head_dim // 2, 2) table of (cos, sin) per rotary pair.
+
+    Pairs [0, head_dim/4) rotate with the token's row, pairs [head_dim/4, head_dim/2) with its
+    column, both with frequencies base^(-2i / (head_dim/2)); tokens are in raster order.
+    The class-token prefix gets an all-zero table, exactly as LlamaGen: there q and k become
+    zero (the class token's key gives logit 0 to every query), which the public weights expect.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    half = head_dim // 2
+    freqs = base ** (-torch.arange(0, half, 2, dtype=torch.float64, device="cpu") / half)
+    pos = torch.arange(grid_size, dtype=torch.float64, device="cpu")
+    ang = torch.outer(pos, freqs)                                   # (grid, head_dim/4)
+    rows = ang[:, None, :].expand(grid_size, grid_size, -1)
+    cols = ang[None, :, :].expand(grid_size, grid_size, -1)
+    ang = torch.cat([rows, cols], dim=-1).flatten(0, 1)             # (grid^2, head_dim/2)
+    table = torch.stack([ang.cos(), ang.sin()], dim=-1)
+    table = torch.cat([table.new_zeros(n_prefix, half, 2), table])
+    return table.float()
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (B, S, H, D) by table (S, D/2, 2).
+    Computed in fp32 (fp64 for fp64 inputs), returned in x's dtype."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x0, x1 = x.to(dt).unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = table.to(dt)[None, :, None].unbind(-1)              # (1, S, 1, D/2)
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------- blocks
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # the mean square in fp32 even under bf16 autocast
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); hidden = 2/3 of 4*dim rounded up to multiple_of."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = int(2 * 4 * cfg.dim / 3)
+        if cfg.ffn_dim_multiplier is not None:
+            hidden = int(cfg.ffn_dim_multiplier * hidden)
+        hidden = find_multiple(hidden, cfg.multiple_of)
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(cfg.ffn_dropout_p)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class KVCache:
+    """Keys and values of the positions seen so far for one layer, (B, H_kv, max_len, D).
+    A plain object (not a module or buffer), so it never reaches the state dict.  Allocated
+    on the first write with that write's dtype/device; filled left to right."""
+
+    def __init__(self, batch: int, max_len: int):
+        self.batch, self.max_len = batch, max_len
+        self.k = self.v = None
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H_kv, S, D) at positions pos..pos+S-1; return all keys/values 0..pos+S-1."""
+        if self.k is None:
+            shape = (self.batch, k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        end = pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.dim // cfg.n_head
+        self.wqkv = nn.Linear(cfg.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.attn_dropout_p = cfg.attn_dropout_p
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, freqs, start_pos: int = 0):
+        b, s, d = x.shape
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([d, kv, kv], dim=-1)
+        q = apply_rope(q.view(b, s, self.n_head, self.head_dim), freqs).transpose(1, 2)
+        k = apply_rope(k.view(b, s, self.n_kv_head, self.head_dim), freqs).transpose(1, 2)
+        v = v.view(b, s, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)
+        if self.n_kv_head != self.n_head:  # grouped-query attention
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        # causal aligns bottom-right: a decode step (s=1) sees the whole cache
+        y = attention(q, k, v, causal=True, dropout_p=self.attn_dropout_p if self.training else 0.0)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(b, s, d)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, freqs, start_pos: int = 0):
+        x = x + self.attention(self.attention_norm(x), freqs, start_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with num_classes + 1 rows; the last row is the null class for CFG.
+    Training replaces a label by the null class with probability `dropout_prob` (DiT-style)."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, labels, drop: bool):
+        if drop and self.dropout_prob > 0:
+            null = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(null, self.num_classes, labels)
+        return self.embedding_table(labels).unsqueeze(1)  # (B, 1, dim)
+
+
+# ----------------------------------------------------------------------------- model
+class Transformer(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.grid_size = math.isqrt(cfg.block_size)
+        if self.grid_size ** 2 != cfg.block_size:
+            raise ValueError(f"block_size={cfg.block_size} must be a square (2D RoPE over a grid)")
+        if cfg.cls_token_num != 1:
+            raise ValueError(f"cls_token_num={cfg.cls_token_num}; class-conditional GPT uses 1")
+        if cfg.dim % cfg.n_head or cfg.n_head % (cfg.n_kv_head or cfg.n_head):
+            raise ValueError(f"dim={cfg.dim}, n_head={cfg.n_head}, n_kv_head={cfg.n_kv_head} do not divide")
+        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # plain attribute, not a buffer: stays fp32 under model.half() and out of the state dict
+        self.freqs_cis = rope_2d_table(self.grid_size, cfg.dim // cfg.n_head, cfg.rope_base,
+                                       cfg.cls_token_num)
+        self.apply(self._init_weights)
+        nn.init.zeros_(self.output.weight)  # zero head: initial loss is exactly ln(vocab)
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=self.cfg.initializer_range)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def _freqs(self, device) -> torch.Tensor:
+        if self.freqs_cis.device != device:
+            self.freqs_cis = self.freqs_cis.to(device)
+        return self.freqs_cis
+
+    def _trunk(self, h: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Input embeddings at positions start_pos.. -> fp32 logits (B, S, vocab)."""
+        freqs = self._freqs(h.device)[start_pos:start_pos + h.shape[1]]
+        h = self.tok_dropout(h)
+        for layer in self.layers:
+            h = layer(h, freqs, start_pos)
+        return self.output(self.norm(h)).float()
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: codes (B, T<=block_size), labels (B,) -> logits (B, T, vocab), where
+        logits[:, t] predicts codes[:, t] from the class and codes[:, :t]."""
+        b, t = codes.shape
+        if not 1 <= t <= self.cfg.block_size:
+            raise ValueError(f"codes length {t}; allowed 1..block_size={self.cfg.block_size}")
+        check_labels(labels, self.cfg.num_classes)
+        cls = self.cls_embedding(labels, drop=self.training)
+        h = torch.cat([cls, self.tok_embeddings(codes[:, :-1])], dim=1)
+        return self._trunk(h)
+
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy in fp32."""
+        logits = self(codes, labels)
+        return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+
+    # --- incremental decoding (KV cache) -------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int | None = None) -> None:
+        max_len = max_len or self.cfg.cls_token_num + self.cfg.block_size
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, max_len)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def prefill(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class token (null class allowed) at position 0 into the cache -> logits of code 0 (B, vocab)."""
+        check_labels(labels, self.cfg.num_classes, allow_null=True)
+        return self._trunk(self.cls_embedding(labels, drop=False), 0)[:, -1]
+
+    def decode(self, codes: torch.Tensor, pos: int) -> torch.Tensor:
+        """codes (B, S) sitting at positions pos..pos+S-1 (code t sits at position t+1) into the
+        cache -> logits (B, vocab) of the code after the last one."""
+        return self._trunk(self.tok_embeddings(codes), pos)[:, -1]

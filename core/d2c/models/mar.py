@@ -1,0 +1,293 @@
+"""MAR: masked autoregressive generation over continuous tokens with a diffusion head
+(Li et al. 2024, arXiv 2406.11838), plus the D2C fusion hooks (DESIGN.md sections 3-4).
+
+Parameter names are those of LTH14/mar `models/mar.py` (ViT blocks with timm's names), so a
+public MAR checkpoint loads with strict=True when `cfg.fusion.kind == "none"`.
+
+Training step (`forward`):
+  latents (B, C, h, w) -> tokens (B, L, C); one mask ratio r ~ TruncNormal(1, 0.25, [r_min, 1])
+  per batch, ceil(r L) tokens masked along a random order per sample;
+  encoder: [buffer | z_proj(tokens)] + pos, LayerNorm, *masked tokens dropped* (MAE), ViT blocks;
+  the `buffer_size` buffer slots hold the class embedding (`fake_latent` for dropped labels);
+  decoder: kept tokens back in place, mask_token elsewhere, + pos, ViT blocks; the outputs
+  at the token positions + diffusion pos are the per-token conditions z;
+  loss: DiffLoss on (target token, z), `diffusion_batch_mul` draws each, masked tokens only.
+Fusion (kind != "none"): disc = fusion.embed(codes, drop) once; qformer adds fusion.buffer(disc)
+to the first num_queries buffer slots; cross_attn runs after the chosen decoder blocks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from d2c.config import MARConfig, validate
+from d2c.kernels.attention import attention
+from d2c.models.diffloss import DiffLoss
+from d2c.models.fusion import Fusion
+
+
+# ------------------------------------------------------------------ ViT block (timm names)
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, key_padding_mask=None):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        o = attention(q, k, v, key_padding_mask=key_padding_mask,
+                      dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, d)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn_drop: float, proj_drop: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, attn_drop, proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+
+    def forward(self, x, key_padding_mask=None):
+        x = x + self.attn(self.norm1(x), key_padding_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+def _std_normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+# ------------------------------------------------------------------ MAR
+class MAR(nn.Module):
+    def __init__(self, cfg: MARConfig):
+        super().__init__()
+        validate(cfg)
+        self.cfg = cfg
+        E, D = cfg.encoder_embed_dim, cfg.decoder_embed_dim
+        self.vae_embed_dim = cfg.vae_embed_dim
+        self.patch_size = cfg.patch_size
+        self.seq_h = self.seq_w = cfg.seq_h
+        self.seq_len = cfg.seq_len
+        self.token_embed_dim = cfg.token_embed_dim
+        self.buffer_size = cfg.buffer_size
+        self.num_classes = cfg.class_num
+        self.label_drop_prob = cfg.label_drop_prob
+        self.mask_ratio_min = cfg.mask_ratio_min
+        self.diffusion_batch_mul = cfg.diffusion_batch_mul
+        self.grad_checkpointing = cfg.grad_checkpointing
+
+        # class embedding; `fake_latent` is the null class for CFG
+        self.class_emb = nn.Embedding(cfg.class_num, E)
+        self.fake_latent = nn.Parameter(torch.zeros(1, E))
+
+        # encoder
+        n_pos = self.seq_len + self.buffer_size
+        self.z_proj = nn.Linear(self.token_embed_dim, E)
+        self.z_proj_ln = nn.LayerNorm(E, eps=1e-6)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, E))
+        self.encoder_blocks = nn.ModuleList([
+            Block(E, cfg.encoder_num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout)
+            for _ in range(cfg.encoder_depth)])
+        self.encoder_norm = nn.LayerNorm(E, eps=1e-6)
+
+        # decoder
+        self.decoder_embed = nn.Linear(E, D)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, D))
+        self.decoder_blocks = nn.ModuleList([
+            Block(D, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout)
+            for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, D))
+        self.initialize_weights()
+
+        # diffusion head (own init) and fusion (own zero-init): built after MAR's init
+        self.diffloss = DiffLoss(self.token_embed_dim, D, cfg.diffloss_d, cfg.diffloss_w,
+                                 cfg.num_sampling_steps, grad_checkpointing=cfg.grad_checkpointing)
+        self.fusion = None
+        if cfg.fusion.kind != "none":
+            self.fusion = Fusion(cfg)
+
+    def initialize_weights(self):
+        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):          # xavier, as JAX ViT / MAR
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -------------------------------------------------------------- tokens <-> latents
+    def patchify(self, x):
+        """(B, C, h, w) -> (B, (h/p)(w/p), C p^2), channel-major within a patch (MAR)."""
+        b, c, h, w = x.shape
+        p = self.patch_size
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+    def unpatchify(self, x):
+        b, p, c = x.shape[0], self.patch_size, self.vae_embed_dim
+        x = x.reshape(b, self.seq_h, self.seq_w, c, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c, self.seq_h * p, self.seq_w * p)
+
+    # -------------------------------------------------------------- masking
+    def sample_orders(self, bsz: int, generator=None, device=None):
+        """One random generation order (a permutation of token indices) per sample."""
+        if device is None:
+            device = generator.device if generator is not None else self.mask_token.device
+        # argsort of i.i.d. uniforms is a uniform random permutation per row, in one launch
+        return torch.rand(bsz, self.seq_len, generator=generator, device=device).argsort(dim=1)
+
+    def sample_mask_ratio(self, n: int = 1, generator=None):
+        """n draws (float64, CPU) of r ~ N(1, 0.25^2) truncated to [mask_ratio_min, 1], by inverse CDF."""
+        lo, hi = _std_normal_cdf((self.mask_ratio_min - 1.0) / 0.25), _std_normal_cdf(0.0)
+        u = torch.rand(n, dtype=torch.float64, device="cpu", generator=generator)
+        return 1.0 + 0.25 * torch.special.ndtri(lo + u * (hi - lo))
+
+    def random_masking(self, x, orders):
+        """mask (B, L) float, 1 = masked: the first ceil(r L) tokens of each order, r shared by the batch."""
+        b, L = x.shape[:2]
+        n = min(L, math.ceil(L * float(self.sample_mask_ratio(1))))
+        mask = torch.zeros(b, L, device=x.device)
+        return mask.scatter(1, orders[:, :n], 1.0)
+
+    # -------------------------------------------------------------- checks
+    @staticmethod
+    def _min_max(x):
+        return torch.stack([x.min(), x.max()]).tolist() if x.numel() else (0, 0)   # one host sync
+
+    def _check_labels(self, labels):
+        lo, hi = self._min_max(labels)
+        if lo < 0 or hi >= self.num_classes:
+            raise ValueError(f"labels must be in [0, {self.num_classes - 1}] (class_num={self.num_classes}); "
+                             f"got min {lo}, max {hi}")
+
+    def _check_codes(self, codes, bsz: int):
+        cs = self.cfg.fusion.codebook_size
+        if codes is None:
+            raise ValueError(f"this model has fusion={self.cfg.fusion.kind!r}: pass codes (B, {self.seq_len}) "
+                             f"with values in [0, {cs - 1}]")
+        codes = codes.reshape(codes.shape[0], -1) if codes.dim() > 1 else codes
+        if codes.dim() != 2 or tuple(codes.shape) != (bsz, self.seq_len):
+            raise ValueError(f"codes must have shape ({bsz}, {self.seq_len}); got {tuple(codes.shape)}")
+        lo, hi = self._min_max(codes)
+        if lo < 0 or hi >= cs:
+            raise ValueError(f"codes must be in [0, {cs - 1}] (fusion.codebook_size={cs}); got min {lo}, max {hi}")
+        return codes.long()
+
+    # -------------------------------------------------------------- encoder / decoder
+    def _run(self, blk, x, key_padding_mask=None):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, key_padding_mask, use_reentrant=False)
+        return blk(x, key_padding_mask)
+
+    @staticmethod
+    def _gather_kept(x, keep):
+        """Kept rows of x (B, N, E) packed to the front, in position order.  When rows keep
+        different counts, pad to the max and return `valid` (B, K) for key_padding_mask."""
+        n_keep = keep.sum(1)
+        lo, hi = torch.stack([n_keep.min(), n_keep.max()]).tolist()
+        idx = torch.argsort(keep.logical_not().to(torch.uint8), dim=1, stable=True)[:, :hi]
+        x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+        valid = None if lo == hi else torch.arange(hi, device=x.device)[None] < n_keep[:, None]
+        return x, idx, valid
+
+    def forward_mae_encoder(self, tokens, mask, class_embedding, disc=None):
+        x = self.z_proj(tokens)
+        b, L, e = x.shape
+        buf = class_embedding[:, None, :].to(x.dtype).expand(b, self.buffer_size, e)
+        if self.fusion is not None and self.fusion.kind == "qformer":
+            q = self.fusion.buffer(disc).to(x.dtype)          # (B, num_queries, E)
+            buf = torch.cat([buf[:, :q.shape[1]] + q, buf[:, q.shape[1]:]], dim=1)
+        x = self.z_proj_ln(torch.cat([buf, x], dim=1) + self.encoder_pos_embed_learned)
+        keep = torch.cat([mask.new_zeros(b, self.buffer_size), mask], dim=1).logical_not()
+        x, idx, valid = self._gather_kept(x, keep)            # MAE: masked tokens never enter
+        for blk in self.encoder_blocks:
+            x = self._run(blk, x, valid)
+        return self.encoder_norm(x), idx, valid
+
+    def forward_mae_decoder(self, x, idx, valid, disc=None):
+        x = self.decoder_embed(x)
+        b, _, d = x.shape
+        mask_token = self.mask_token.to(x.dtype)
+        if valid is not None:                                  # padding slots write mask tokens
+            x = torch.where(valid[..., None], x, mask_token)
+        full = mask_token.expand(b, self.seq_len + self.buffer_size, d)
+        x = torch.scatter(full, 1, idx[..., None].expand(-1, -1, d), x) + self.decoder_pos_embed_learned
+        for i, blk in enumerate(self.decoder_blocks):
+            x = self._run(blk, x)
+            if self.fusion is not None and self.fusion.kind == "cross_attn":
+                x = self.fusion.after_decoder_block(i, x, disc)
+        x = self.decoder_norm(x)
+        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
+
+    def condition(self, tokens, labels, mask, codes=None, drop=None):
+        """Per-token diffusion conditions z (B, seq_len, decoder_embed_dim).
+
+        tokens (B, seq_len, token_embed_dim); labels (B,) long or None (all unconditional);
+        mask (B, seq_len), 1/True = masked (unknown, dropped from the encoder); codes (B, seq_len)
+        stage-1 codes (fusion models only; ignored when fusion is "none"); drop (B,) bool: rows
+        that see the null class *and* the null codes (CFG's unconditional half, label drop).
+        """
+        b = tokens.shape[0]
+        mask = mask.to(device=tokens.device).bool()
+        if labels is None:
+            labels = torch.zeros(b, dtype=torch.long, device=tokens.device)
+            drop = torch.ones(b, dtype=torch.bool, device=tokens.device)
+            if self.fusion is not None and codes is None:
+                codes = torch.zeros(b, self.seq_len, dtype=torch.long, device=tokens.device)
+        self._check_labels(labels)
+        class_embedding = self.class_emb(labels)
+        if drop is not None:
+            drop = drop.to(device=tokens.device).bool()
+            class_embedding = torch.where(drop[:, None], self.fake_latent.to(class_embedding.dtype), class_embedding)
+        disc = None
+        if self.fusion is not None:
+            disc = self.fusion.embed(self._check_codes(codes, b), drop)
+        x, idx, valid = self.forward_mae_encoder(tokens, mask, class_embedding, disc)
+        return self.forward_mae_decoder(x, idx, valid, disc)
+
+    # -------------------------------------------------------------- training
+    def forward_loss(self, z, target, mask):
+        """DiffLoss over all tokens, weighted by mask, each repeated diffusion_batch_mul times."""
+        b, L, _ = target.shape
+        m = self.diffusion_batch_mul
+        return self.diffloss(target.reshape(b * L, -1).repeat(m, 1), z.reshape(b * L, -1).repeat(m, 1),
+                             mask.reshape(b * L).repeat(m))
+
+    def forward(self, latents, labels, codes=None):
+        """Training loss for KL latents (B, C, h, w) and labels (B,); codes (B, seq_len) for fusion."""
+        x = self.patchify(latents)
+        target = x.detach()
+        b = x.shape[0]
+        orders = self.sample_orders(b, device=x.device)
+        mask = self.random_masking(x, orders)
+        drop = (torch.rand(b, device=x.device) < self.label_drop_prob) if self.training else None
+        z = self.condition(x, labels, mask, codes=codes, drop=drop)
+        return self.forward_loss(z, target, mask)
