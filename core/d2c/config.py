@@ -127,6 +127,39 @@ class MARConfig:
         return self.vae_embed_dim * self.patch_size ** 2
 
 
+@dataclass
+class TrainConfig:
+    """One training run of one stage.  Defaults are MAR's recipe (DESIGN.md section 3);
+    `lr` is absolute (MAR: blr 1e-4 x batch/256)."""
+    stage: str = "mar"                 # kl | vq | gpt | mar
+    preset: str = "mar_tiny"
+    overrides: dict = field(default_factory=dict)   # model config fields, as d2c.build takes them
+    batch_size: int = 64               # global batch (split over DDP ranks)
+    steps: int = 1000                  # optimizer steps
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "constant"         # constant | cosine (after warmup)
+    min_lr: float = 0.0
+    weight_decay: float = 0.02
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 3.0
+    ema_decay: float = 0.9999
+    precision: str = "auto"            # auto (bf16 where supported) | bf16 | fp32
+    grad_checkpointing: bool = False
+    seed: int = 0
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    tensorboard: bool = True
+    progress: bool = True
+    kl_weight: float = 1e-6            # kl stage: LDM's KL weight on the posterior
+    scale_batches: int = 8             # kl stage: batches used to fit the latent scale
+
+    STAGES = ("kl", "vq", "gpt", "mar")
+    SCHEDULES = ("constant", "cosine")
+    PRECISIONS = ("auto", "bf16", "fp32")
+
+
 # --------------------------------------------------------------------------- presets
 # Published sizes: DESIGN.md section 3 (counts measured from the public code).
 PRESETS: dict[str, object] = {
@@ -157,6 +190,19 @@ PRESETS: dict[str, object] = {
                           diffloss_d=2, diffloss_w=64, num_sampling_steps=20,
                           fusion=FusionConfig(codebook_size=512, d_fuse=64, num_heads=4,
                                               num_queries=8, depth=1)),
+    # Embedded-default presets: the sizes the CPU recipe (d2c.pipeline) trains in minutes.
+    "kl_small": KLConfig(embed_dim=4, z_channels=4, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
+                         image_size=32, scale=1.0),
+    "vq_small": VQConfig(codebook_size=256, codebook_embed_dim=8, z_channels=16, ch=16,
+                         ch_mult=(1, 2, 4), num_res_blocks=1, image_size=32),
+    "gpt_small": GPTConfig(dim=192, n_layer=4, n_head=6, multiple_of=64, vocab_size=256,
+                           num_classes=10, block_size=64),
+    "mar_small": MARConfig(img_size=32, vae_stride=4, encoder_embed_dim=128, encoder_depth=3,
+                           encoder_num_heads=4, decoder_embed_dim=128, decoder_depth=3,
+                           decoder_num_heads=4, vae_embed_dim=4, class_num=10, buffer_size=16,
+                           diffloss_d=3, diffloss_w=256, num_sampling_steps=50,
+                           fusion=FusionConfig(codebook_size=256, d_fuse=128, num_heads=4,
+                                               num_queries=16, depth=2)),
 }
 
 
@@ -188,6 +234,16 @@ def make_config(preset: str, **overrides):
 
 def validate(cfg) -> None:
     """Fail early with one line naming the field and what is allowed."""
+    if isinstance(cfg, TrainConfig):
+        for name, allowed in (("stage", cfg.STAGES), ("schedule", cfg.SCHEDULES), ("precision", cfg.PRECISIONS)):
+            if getattr(cfg, name) not in allowed:
+                raise ValueError(f"{name}={getattr(cfg, name)!r}; allowed: {', '.join(allowed)}")
+        if cfg.preset not in PRESETS or preset_kind(cfg.preset) != cfg.stage:
+            ok = [p for p in PRESETS if preset_kind(p) == cfg.stage]
+            raise ValueError(f"preset={cfg.preset!r} for stage {cfg.stage}; allowed: {', '.join(ok)}")
+        for name in ("batch_size", "steps"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"{name}={getattr(cfg, name)}; allowed: integers >= 1")
     if isinstance(cfg, MARConfig):
         fu = cfg.fusion
         if fu.kind not in FusionConfig.KINDS:

@@ -93,7 +93,12 @@ class ShapesDataset(torch.utils.data.Dataset):
     """Images as float tensors in [-1, 1] (the tokenizers' input range) and int labels."""
 
     def __init__(self, n: int = 10000, seed: int = 0, size: int = 32):
+        self.n, self.seed, self.size = n, seed, size
         self.images, self.labels = make_shapes(n, seed, size)
+
+    def identity(self) -> dict:
+        """What the token-cache key hashes: the generator's arguments define every byte."""
+        return {"name": "shapes", "n": self.n, "seed": self.seed, "size": self.size}
 
     def __len__(self):
         return len(self.labels)

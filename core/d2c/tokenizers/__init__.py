@@ -7,12 +7,15 @@ arrange the blocks (and so in their state_dict key paths).
 """
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import nn
 
 
 def Normalize(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, ch, eps=1e-6, affine=True)
+    # 32 groups as taming/LDM; narrower tiny presets fall back to a divisor of their width
+    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):

@@ -1,0 +1,590 @@
+"""Sample quality and speed: FID, IS, KID, precision/recall through stock torch-fidelity, the
+embedded feature network, class accuracy, and the speed / hardware parts of a result record.
+
+Two modes pick the feature extractor (DESIGN.md sections 5 and 6):
+  embedded  a small CNN trained here on the shapes dataset (cached as safetensors, keyed by a
+            hash of its recipe), registered with torch-fidelity as "d2c-shapes-net";
+            reference = a held-out real shapes set (its features cached by torch-fidelity).
+  imagenet  torch-fidelity's "inception-v3-compat" with weights from a LOCAL file; reference =
+            ADM's statistics .npz (mu, sigma; its arr_0 images, when present, serve KID/PRC).
+The reference decides the route: images -> `torch_fidelity.calculate_metrics` (one feature
+pass per input); a statistics .npz -> one feature pass of our images through torch-fidelity's
+own extraction, then its IS/KID/PRC functions and a float64 Frechet distance against the stats.
+Nothing here downloads: every extractor gets its weights from a path we checked first.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EMBEDDED_EXTRACTOR = "d2c-shapes-net"
+IMAGENET_EXTRACTOR = "inception-v3-compat"
+IMAGENET_NUM_SAMPLES = 50_000          # class-balanced samples per ImageNet evaluation (ADM, MAR)
+IMAGENET_FEATURE_DIM = 2048
+DEFAULT_CACHE_DIR = Path("outputs/cache")
+REFERENCE_SEED = 424242                # held-out real shapes: not the generators' data (seed 0)
+HELDOUT_SEED = 777                     # accuracy check of the feature net
+INCEPTION_HOWTO = ("download weights-inception-2015-12-05-6726825d.pth from torch-fidelity's release page "
+                   "(github.com/toshas/torch-fidelity/releases/tag/v0.2.0) on a machine with internet and pass its path")
+ADM_HOWTO = ("use ADM's reference batch, e.g. VIRTUAL_imagenet256_labeled.npz (openai/guided-diffusion, "
+             "evaluations/README.md), or write one with d2c.metrics.save_reference_stats")
+
+_TF_KEYS = {"frechet_inception_distance": "fid", "inception_score_mean": "is_mean",
+            "inception_score_std": "is_std", "kernel_inception_distance_mean": "kid_mean",
+            "kernel_inception_distance_std": "kid_std", "precision": "precision", "recall": "recall",
+            "f_score": "f_score"}
+
+
+class MetricsError(ValueError):
+    """An input the metrics cannot use; the message is one line: file, what is wrong, how to fix."""
+
+
+# ============================================================================ embedded feature net
+@dataclass(frozen=True)
+class FeatureNetConfig:
+    """Recipe of the embedded feature net; its hash names the cached weights, so any change retrains."""
+    widths: tuple = (16, 32, 64, 128)  # conv-BN-ReLU blocks, 2x2 max-pool between; last = feature dim
+    num_classes: int = 10
+    n_train: int = 6000
+    data_seed: int = 1000              # training images: make_shapes(n_train, data_seed)
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    version: int = 1                   # bump when the training code changes
+
+    def key(self) -> str:
+        blob = json.dumps({**dataclasses.asdict(self), "data": _shapes_fingerprint(self.data_seed)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
+def _shapes_fingerprint(seed: int) -> str:
+    """Digest of a few generated images: if the dataset code changes, cache keys change with it."""
+    from d2c.data.shapes import make_shapes
+
+    return hashlib.sha256(make_shapes(16, seed=seed)[0].numpy().tobytes()).hexdigest()[:8]
+
+
+class FeatureNet(nn.Module):
+    """uint8 (or [-1, 1] float) images -> (global-average-pooled features, class logits)."""
+    INPUT_SIZE = 32
+
+    def __init__(self, widths=(16, 32, 64, 128), num_classes: int = 10):
+        super().__init__()
+        chans = (3, *widths)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+            for i, o in zip(chans[:-1], chans[1:]))
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "FeatureNet":
+        """Widths and class count read off the tensor shapes, so the file alone rebuilds the net."""
+        n = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        net = cls(tuple(sd[f"blocks.{i}.0.weight"].shape[0] for i in range(n)), sd["head.weight"].shape[0])
+        net.load_state_dict(sd)
+        return net.eval()
+
+    def forward(self, x):
+        if x.dtype == torch.uint8:
+            x = x.float() / 127.5 - 1
+        if x.shape[-2:] != (self.INPUT_SIZE, self.INPUT_SIZE):  # the net has only seen 32x32
+            x = F.interpolate(x, size=self.INPUT_SIZE, mode="bilinear", antialias=True, align_corners=False)
+        for i, block in enumerate(self.blocks):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+        feats = x.mean((2, 3))
+        return feats, self.head(feats)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(min(n, prev))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _train_feature_net(cfg: FeatureNetConfig, progress: bool = True) -> FeatureNet:
+    from tqdm.auto import tqdm
+
+    from d2c.data.shapes import make_shapes
+
+    x, y = make_shapes(cfg.n_train, seed=cfg.data_seed)
+    # One thread: convs this small barely scale, and 2 threads beside another busy process ran
+    # 19x slower (800 vs 42 ms a step, measured on the 2-core CPU); one is never that bad.
+    # fork_rng: leave the caller's global RNG alone.
+    with _torch_threads(1), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = FeatureNet(cfg.widths, cfg.num_classes).to(memory_format=torch.channels_last)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.15)
+        net.train()
+        order, pos = torch.randperm(len(y), generator=gen), 0
+        bar = tqdm(range(cfg.steps), desc="feature net", disable=not progress, leave=False)
+        for _ in bar:
+            if pos + cfg.batch_size > len(y):
+                order, pos = torch.randperm(len(y), generator=gen), 0
+            idx = order[pos:pos + cfg.batch_size]
+            pos += cfg.batch_size
+            # channels_last: ~1.5x faster convs on CPU (measured)
+            _, logits = net(x[idx].contiguous(memory_format=torch.channels_last))
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return net.to(memory_format=torch.contiguous_format).eval()
+
+
+def feature_net_path(cfg: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR) -> Path:
+    cfg = cfg or FeatureNetConfig()
+    return Path(cache_dir) / f"feature_net_{cfg.key()}.safetensors"
+
+
+def load_feature_net(cfg: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR,
+                     progress: bool = True) -> tuple[FeatureNet, Path]:
+    """The embedded feature net: loaded from the cache when its recipe hash is there, else trained
+    once (seconds on 2 cores) and saved atomically.  An unreadable cache file is retrained."""
+    from d2c.checkpoint import save_safetensors
+
+    cfg = cfg or FeatureNetConfig()
+    path = feature_net_path(cfg, cache_dir)
+    if path.is_file():
+        try:
+            return _load_net_file(path, "retraining"), path
+        except MetricsError as e:
+            warnings.warn(str(e))
+    net = _train_feature_net(cfg, progress)
+    save_safetensors(net, path)
+    return net, path
+
+
+def _load_net_file(path, fix: str = "pass a file written by d2c.metrics.load_feature_net") -> FeatureNet:
+    from d2c.checkpoint import CheckpointError, load_state_dict_file
+
+    try:
+        return FeatureNet.from_state_dict(load_state_dict_file(path))
+    except (CheckpointError, KeyError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MetricsError(f"embedded feature net {path}: unusable ({msg}); {fix}") from None
+
+
+@torch.inference_mode()
+def class_accuracy(images_uint8: torch.Tensor, labels, *, net: FeatureNet | None = None,
+                   cfg: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR,
+                   device="cpu", batch_size: int = 500) -> float:
+    """Fraction of images the embedded net classifies as their (conditioning) label."""
+    images_uint8 = _check_images(images_uint8)
+    labels = torch.as_tensor(labels).long().reshape(-1).cpu()
+    if len(labels) != len(images_uint8):
+        raise MetricsError(f"class_accuracy: {len(images_uint8)} images but {len(labels)} labels")
+    net = (net or load_feature_net(cfg, cache_dir)[0]).to(device).eval()
+    with _torch_threads(1) if torch.device(device).type == "cpu" else contextlib.nullcontext():
+        pred = torch.cat([net(b.to(device))[1].argmax(-1).cpu() for b in images_uint8.split(batch_size)])
+    return float((pred == labels).float().mean())
+
+
+def _register_embedded_extractor():
+    """Register "d2c-shapes-net" with torch-fidelity once (lazily: torch-fidelity is a harness extra)."""
+    from torch_fidelity import FeatureExtractorBase, register_feature_extractor
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if EMBEDDED_EXTRACTOR in FEATURE_EXTRACTORS_REGISTRY:
+        return
+
+    class ShapesNetExtractor(FeatureExtractorBase):
+        """torch-fidelity view of FeatureNet: "features" for FID/KID/PRC, "logits" for IS."""
+
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            if feature_extractor_weights_path is None:
+                raise MetricsError(f"{name}: feature_extractor_weights_path is required (no downloads)")
+            self.net = _load_net_file(feature_extractor_weights_path)
+            self.requires_grad_(False)
+
+        def forward(self, x):
+            if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+                raise MetricsError(f"{self.name}: expects uint8 (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+            with _torch_threads(1) if x.device.type == "cpu" else contextlib.nullcontext():
+                feats, logits = self.net(x)
+            out = {"features": feats, "logits": logits}
+            return tuple(out[k] for k in self.features_list)
+
+        @staticmethod
+        def get_provided_features_list():
+            return "features", "logits"
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "logits" if metric == "isc" else "features"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+    register_feature_extractor(EMBEDDED_EXTRACTOR, ShapesNetExtractor)
+
+
+# ============================================================================ statistics
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) in float64.  tr (S1 S2)^1/2 is taken as the sum of
+    sqrt eigenvalues of the symmetric PSD matrix S1^1/2 S2 S1^1/2 (eigh, negatives from round-off
+    clipped): no complex parts to drop, unlike sqrtm / eig of the non-symmetric product."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    d = mu1 - mu2
+    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """mu (D,) and unbiased covariance (D, D) of (N, D) features, float64."""
+    f = torch.as_tensor(features).double().cpu().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def precision_recall(fake, real, k: int = 3) -> tuple[float, float]:
+    """Improved precision/recall (Kynkaenniemi et al. 2019) with torch-fidelity's implementation:
+    precision = share of fake points inside some real point's k-NN ball, recall = the reverse."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    out = prc_features_to_metric(torch.as_tensor(fake).float(), torch.as_tensor(real).float(),
+                                 prc_neighborhood=k, save_cpu_ram=True, verbose=False)
+    return out["precision"], out["recall"]
+
+
+def balanced_labels(n: int, num_classes: int = 1000) -> torch.Tensor:
+    """n class labels, every class n // num_classes or one more times (50k -> 50 per ImageNet class)."""
+    return torch.arange(n) % num_classes
+
+
+# ============================================================================ inputs
+class _Uint8Images(torch.utils.data.Dataset):
+    """What torch-fidelity wants from a Dataset: one uint8 (3, H, W) tensor per item.  NHWC arrays
+    (ADM's arr_0) are permuted per item, so a 2 GB reference batch is not duplicated."""
+
+    def __init__(self, images, nhwc: bool = False):
+        self.images, self.nhwc = images, nhwc
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = torch.as_tensor(np.asarray(self.images[i]))
+        return x.permute(2, 0, 1).contiguous() if self.nhwc else x
+
+
+class _LazyShapes(torch.utils.data.Dataset):
+    """Held-out real shapes, generated on first access: a torch-fidelity cache hit never pays for it."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.images = n, seed, None
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if self.images is None:
+            from d2c.data.shapes import make_shapes
+            self.images = make_shapes(self.n, seed=self.seed)[0]
+        return self.images[i]
+
+
+def _check_images(x) -> torch.Tensor:
+    if not torch.is_tensor(x) or x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+        what = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+        raise MetricsError(f"images must be uint8 (N, 3, H, W) (d2c.sampling.to_uint8 converts), got {what}")
+    return x.cpu()
+
+
+def _as_input(x):
+    """uint8 tensor -> Dataset; a Dataset as is; a folder of png/jpg -> its path (torch-fidelity reads it)."""
+    if isinstance(x, (str, Path)):
+        if not Path(x).is_dir():
+            raise MetricsError(f"{x}: not a folder of images")
+        return str(x)
+    if isinstance(x, torch.utils.data.Dataset):
+        return x
+    return _Uint8Images(_check_images(x))
+
+
+def _input_len(x):
+    return len(x) if not isinstance(x, str) else sum(
+        1 for p in Path(x).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+def _load_stats(path, dim: int | None, images: bool = True):
+    """(mu, sigma, arr_0 or None) from a statistics .npz, or one MetricsError line.  arr_0 (ADM:
+    10k images, 2 GB) is read only when `images` asks for it (KID, precision/recall)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetricsError(f"reference statistics {path}: missing; {ADM_HOWTO}")
+    if not zipfile.is_zipfile(path):
+        raise MetricsError(f"reference statistics {path}: unreadable (not an .npz zip archive; truncated?); "
+                           f"{ADM_HOWTO}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+        keys = set(npz.files)
+        if not {"mu", "sigma"} <= keys:
+            raise MetricsError(f"reference statistics {path}: wrong keys {sorted(keys)[:6]}, need 'mu' and "
+                               f"'sigma'; {ADM_HOWTO}")
+        mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+        ref = npz["arr_0"] if images and "arr_0" in keys else None  # ADM: (N, H, W, 3) uint8 images
+    except MetricsError:
+        raise
+    except Exception as e:  # truncated zip, garbage, pickled objects
+        raise MetricsError(f"reference statistics {path}: unreadable .npz ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); {ADM_HOWTO}") from None
+    d = dim or (mu.shape[0] if mu.ndim == 1 else -1)
+    if mu.shape != (d,) or sigma.shape != (d, d):
+        raise MetricsError(f"reference statistics {path}: wrong shapes mu {mu.shape}, sigma {sigma.shape}; "
+                           f"need mu ({dim or 'D'},) and sigma ({dim or 'D'}, {dim or 'D'}); {ADM_HOWTO}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise MetricsError(f"reference statistics {path}: mu/sigma hold NaN or inf; {ADM_HOWTO}")
+    if ref is not None and (ref.dtype != np.uint8 or ref.ndim != 4 or ref.shape[-1] != 3):
+        raise MetricsError(f"reference statistics {path}: arr_0 {ref.dtype} {ref.shape} is not uint8 "
+                           f"(N, H, W, 3) images; {ADM_HOWTO}")
+    return mu, sigma, ref
+
+
+def _check_inception_weights(path) -> str:
+    """Load the weights once with weights_only=True (no code runs) and check they look like
+    torch-fidelity's Inception, so its own torch.load/load_state_dict later cannot fail deep inside."""
+    if path is None:
+        raise MetricsError(f"Inception weights: no path given (weights_path=...); {INCEPTION_HOWTO}")
+    path = Path(path)
+    if not path.is_file():
+        raise MetricsError(f"Inception weights {path}: missing; {INCEPTION_HOWTO}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MetricsError(f"Inception weights {path}: unreadable ({type(e).__name__}: {first[:200]}); "
+                           f"{INCEPTION_HOWTO}") from None
+    fc = sd.get("fc.weight") if isinstance(sd, dict) else None
+    if fc is None or tuple(fc.shape) != (1008, 2048) or "Mixed_7c.branch_pool.conv.weight" not in sd:
+        raise MetricsError(f"Inception weights {path}: wrong keys or shapes (want torch-fidelity's "
+                           f"inception-v3-compat state dict, fc.weight (1008, 2048)); {INCEPTION_HOWTO}")
+    return str(path)
+
+
+def _load_error(name, path, e: RuntimeError) -> MetricsError:
+    """torch's many-line load_state_dict error, counted into one line."""
+    text = str(e)
+    counts = [(m.group(2).count('", "') + 1, m.group(1)) for m in
+              re.finditer(r"(Missing|Unexpected) key\(s\) in state_dict: ([^\n]*)", text)]
+    counts.append((text.count("size mismatch for"), "shape mismatch"))
+    what = ", ".join(f"{n} {kind.lower()}" for n, kind in counts if n) or text.strip().splitlines()[0]
+    how = INCEPTION_HOWTO if name == IMAGENET_EXTRACTOR else "pass a file written by d2c.metrics.load_feature_net"
+    return MetricsError(f"weights {path}: wrong keys or shapes for {name} ({what}); {how}")
+
+
+def _file_digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+# ============================================================================ metrics
+def compute_metrics(images, *, mode: str = "embedded", reference=None, weights_path=None, isc: bool = True, fid: bool = True, kid: bool = True,
+                    prc: bool = True, device="cpu", batch_size: int = 64, cache_dir=DEFAULT_CACHE_DIR,
+                    feature_net: FeatureNetConfig | None = None, num_reference: int = 10_000,
+                    reference_seed: int = REFERENCE_SEED, kid_subset_size: int = 1000,
+                    prc_neighborhood: int = 3, isc_splits: int = 10) -> dict:
+    """FID, IS, KID, precision/recall of `images` as plain floats under stable keys
+    (fid, is_mean, is_std, kid_mean, kid_std, precision, recall, f_score).
+
+    images: uint8 (N, 3, H, W) tensor, a Dataset of uint8 (3, H, W), or a folder of png/jpg.
+    reference: images in the same forms, or a statistics .npz (mu, sigma [, arr_0]).  Default:
+      embedded -> `num_reference` held-out real shapes (seed `reference_seed`); imagenet -> required.
+    mode: "embedded" (feature net "d2c-shapes-net", trained/cached under cache_dir unless
+      `weights_path` names its file) or "imagenet" ("inception-v3-compat" from the local `weights_path`).
+      Only these two extractors: every other torch-fidelity extractor would download its weights.
+    """
+    if mode not in ("embedded", "imagenet"):
+        raise MetricsError(f"mode={mode!r}; allowed: embedded, imagenet")
+    if not (isc or fid or kid or prc):
+        raise MetricsError("no metric requested (isc, fid, kid, prc all False)")
+    cache_dir = Path(cache_dir)
+    input1 = _as_input(images)
+    is_stats = isinstance(reference, (str, Path)) and str(reference).endswith(".npz")
+    ref_name = None
+    if mode == "imagenet":
+        if reference is None:
+            raise MetricsError(f"imagenet mode needs reference=<statistics .npz or images>; {ADM_HOWTO}")
+        stats = _load_stats(reference, IMAGENET_FEATURE_DIM, kid or prc) if is_stats else None
+        weights_path = _check_inception_weights(weights_path)  # after the cheap stats check
+        name = IMAGENET_EXTRACTOR
+    else:
+        stats = _load_stats(reference, None, kid or prc) if is_stats else None
+        _register_embedded_extractor()
+        if weights_path is None:
+            weights_path = load_feature_net(feature_net, cache_dir)[1]
+        elif not Path(weights_path).is_file():
+            raise MetricsError(f"embedded feature net {weights_path}: missing; leave weights_path=None to "
+                               f"train and cache one")
+        weights_path = str(weights_path)
+        name = EMBEDDED_EXTRACTOR
+        if reference is None:  # named, so torch-fidelity caches its features: net digest + set identity
+            reference = _LazyShapes(num_reference, reference_seed)
+            ref_name = (f"d2c-shapes-n{num_reference}-s{reference_seed}-{_shapes_fingerprint(reference_seed)}"
+                        f"-net{_file_digest(weights_path)}")
+
+    device = torch.device(device)
+    kw = dict(feature_extractor=name, feature_extractor_weights_path=weights_path,
+              cuda=device.type == "cuda", batch_size=batch_size, save_cpu_ram=True, verbose=False,
+              datasets_download=False, prc_neighborhood=prc_neighborhood, prc_batch_size=2000,
+              rng_seed=2020, cache=ref_name is not None, cache_root=str(cache_dir / "fidelity"))
+    n1 = _input_len(input1)
+    kw["isc_splits"] = max(1, min(isc_splits, n1))
+    if stats is not None:
+        return _metrics_vs_stats(input1, stats, isc, fid, kid, prc, kw, kid_subset_size, n1, reference)
+
+    import torch_fidelity
+    input2 = _as_input(reference)
+    kw["kid_subset_size"] = min(kid_subset_size, n1, _input_len(input2))
+    try:
+        out = torch_fidelity.calculate_metrics(input1=input1, input2=input2, input2_cache_name=ref_name,
+                                               isc=isc, fid=fid, kid=kid, prc=prc, **kw)
+    except RuntimeError as e:  # load_state_dict of a mismatching file
+        raise _load_error(name, weights_path, e) from None
+    return {_TF_KEYS[k]: float(v) for k, v in out.items() if k in _TF_KEYS}
+
+
+def _extract(inp, layers, kw) -> dict:
+    """One pass of `inp` through the torch-fidelity extractor named in kw (its own loader/batching)."""
+    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id
+
+    try:
+        fe = create_feature_extractor(kw["feature_extractor"], sorted(set(layers)), **kw)
+    except RuntimeError as e:
+        raise _load_error(kw["feature_extractor"], kw["feature_extractor_weights_path"], e) from None
+    return extract_featuresdict_from_input_id(1, fe, **{**kw, "input1": inp, "cache": False})
+
+
+def _metrics_vs_stats(input1, stats, isc, fid, kid, prc, kw, kid_subset_size, n1, reference) -> dict:
+    """Metrics against a statistics file: FID vs (mu, sigma); KID/PRC vs its arr_0 images if any."""
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+    from torch_fidelity.utils import resolve_feature_layer_for_metric
+
+    mu_ref, sigma_ref, ref_images = stats
+    if (kid or prc) and ref_images is None:
+        warnings.warn(f"{reference}: no reference images (arr_0), so KID and precision/recall are skipped")
+        kid = prc = False
+    layer = {m: resolve_feature_layer_for_metric(m, **kw) for m in ("isc", "fid", "kid", "prc")}
+    want = [layer[m] for m, on in (("isc", isc), ("fid", fid), ("kid", kid), ("prc", prc)) if on]
+    f1 = _extract(input1, want, kw)
+    out = {}
+    if isc:
+        out.update(isc_featuresdict_to_metric(f1, layer["isc"], **kw))
+    if fid:
+        feats = f1[layer["fid"]]
+        if feats.shape[1] != mu_ref.shape[0]:
+            raise MetricsError(f"reference statistics {reference}: {mu_ref.shape[0]}-d but the extractor gives "
+                               f"{feats.shape[1]}-d features; {ADM_HOWTO}")
+        out["frechet_inception_distance"] = frechet_distance(*feature_stats(feats), mu_ref, sigma_ref)
+    if kid or prc:
+        f2 = _extract(_Uint8Images(ref_images, nhwc=True), [layer["kid"], layer["prc"]], kw)
+        if kid:
+            out.update(kid_featuresdict_to_metric(f1, f2, layer["kid"], **{
+                **kw, "kid_subset_size": min(kid_subset_size, n1, len(ref_images))}))
+        if prc:
+            out.update(prc_featuresdict_to_metric(f1, f2, layer["prc"], **kw))
+    return {_TF_KEYS[k]: float(v) for k, v in out.items() if k in _TF_KEYS}
+
+
+def save_reference_stats(images, path, *, mode: str = "embedded", weights_path=None, device="cpu",
+                         batch_size: int = 64, cache_dir=DEFAULT_CACHE_DIR,
+                         feature_net: FeatureNetConfig | None = None) -> Path:
+    """Write mu/sigma (float64, ADM's key names) of real `images` to an .npz usable as `reference`."""
+    if mode == "imagenet":
+        name, weights_path = IMAGENET_EXTRACTOR, _check_inception_weights(weights_path)
+    else:
+        _register_embedded_extractor()
+        name = EMBEDDED_EXTRACTOR
+        weights_path = str(weights_path or load_feature_net(feature_net, cache_dir)[1])
+    kw = dict(feature_extractor=name, feature_extractor_weights_path=weights_path, verbose=False,
+              cuda=torch.device(device).type == "cuda", batch_size=batch_size, save_cpu_ram=True,
+              datasets_download=False)
+    from torch_fidelity.utils import resolve_feature_layer_for_metric
+    layer = resolve_feature_layer_for_metric("fid", **kw)
+    mu, sigma = feature_stats(_extract(_as_input(images), [layer], kw)[layer])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+    np.savez(tmp, mu=mu, sigma=sigma)
+    os.replace(tmp, path)
+    return path
+
+
+# ============================================================================ speed and hardware
+def speed_record(result, num_images: int | None = None, device="cpu") -> dict:
+    """Timing part of a result record from a d2c.sampling.SampleResult (one timed batch)."""
+    n = int(num_images or result.images.shape[0])
+    t = result.timings
+    total = float(t.get("total", sum(t.get(k, 0.0) for k in ("stage1", "stage2", "decode"))))
+    rec = {"num_images": n, "seconds_total": total, "seconds_per_image": total / max(n, 1),
+           "images_per_second": n / total if total > 0 else math.inf}
+    rec.update({f"{k}_seconds": float(t.get(k, 0.0)) for k in ("stage1", "stage2", "decode")})
+    rec.update({k: int(result.nfe.get(k, 0)) for k in ("ar_steps", "mar_steps", "diffusion_steps")})
+    device = torch.device(device)
+    if device.type == "cuda":
+        rec["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        rec["peak_memory_kind"] = "cuda_max_memory_allocated"  # since the last reset_peak_memory_stats
+    else:
+        import resource
+        # Linux reports ru_maxrss in KiB, macOS in bytes; it is the process's peak since it started
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rec["peak_memory_bytes"] = int(rss if platform.system() == "Darwin" else rss * 1024)
+        rec["peak_memory_kind"] = "cpu_peak_rss_process_lifetime"
+    return rec
+
+
+def hardware_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+        triton = version("triton")
+    except Exception:
+        triton = None
+    cuda = torch.cuda.is_available()
+    return {"cpu_model": cpu, "cpu_cores": os.cpu_count(),
+            "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
+            "gpu_count": torch.cuda.device_count() if cuda else 0,
+            "cuda_version": torch.version.cuda, "torch": torch.__version__, "triton": triton,
+            "python": platform.python_version(), "platform": platform.platform()}

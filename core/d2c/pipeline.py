@@ -1,0 +1,201 @@
+"""Every stage, in order, for one dataset: the data flow of DESIGN.md section 2.
+
+    images -> KL / VQ tokenizers -> token cache -> stage 1 GPT (codes)
+                                                -> stage 2 MAR / D2C (moments [+ codes])
+A stage's folder is `<root>/ckpt/<stage>-<key>`, the key a hash of its training config and of
+everything upstream (data, tokenizer runs), so that changing sampling settings never retrains
+and changing a tokenizer retrains what depends on it.  A finished stage (DONE) is reused; an
+interrupted one resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from d2c.config import TrainConfig
+from d2c.data.imagefolder import DataConfig, build_dataset
+from d2c.train import ImageSource, TokenSource, is_done, load_trained, train
+
+FAMILIES = ("llamagen", "mar", "d2c_cross_attn", "d2c_qformer")
+
+
+def _default_stages() -> dict:
+    """The embedded default: sized so the whole chain trains on a 2-core CPU in minutes."""
+    common = dict(warmup_steps=50, ema_decay=0.995, precision="auto", ckpt_every=200, log_every=20)
+    return {
+        "kl": TrainConfig(stage="kl", preset="kl_small", steps=400, batch_size=32, lr=2e-3, **common),
+        "vq": TrainConfig(stage="vq", preset="vq_small", steps=400, batch_size=32, lr=2e-3, **common),
+        "gpt": TrainConfig(stage="gpt", preset="gpt_small", steps=600, batch_size=64, lr=2e-3,
+                           weight_decay=0.05, grad_clip=1.0, **common),
+        "mar": TrainConfig(stage="mar", preset="mar_small", steps=600, batch_size=64, lr=2e-3, **common),
+    }
+
+
+@dataclass
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: dict = field(default_factory=_default_stages)
+
+
+def run_key(*parts) -> str:
+    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def mar_config(recipe: Recipe, family: str) -> TrainConfig:
+    """Stage-2 config of a family: fusion none for MAR, else the fusion in the family name."""
+    base = recipe.stages["mar"]
+    kind = "none" if family == "mar" else family.removeprefix("d2c_")
+    fusion = {**base.overrides.get("fusion", {}), "kind": kind}
+    return dataclasses.replace(base, overrides={**base.overrides, "fusion": fusion})
+
+
+class Pipeline:
+    """Lazily trains (or finds) what a family needs and returns the models in eval mode."""
+
+    def __init__(self, recipe: Recipe | None = None, root="outputs", device=None, log=print):
+        self.recipe = recipe or Recipe()
+        self.root = Path(root)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.log = log
+        self.timings: dict[str, float] = {}   # seconds spent training each stage in this process
+        self._dataset = self._cache = None
+        self._dirs: dict[str, Path] = {}
+
+    @property
+    def dataset(self):
+        if self._dataset is None:
+            self._dataset = build_dataset(self.recipe.data)
+        return self._dataset
+
+    def _ensure(self, name: str, cfg: TrainConfig, upstream: tuple, source_fn, extra=None) -> Path:
+        out = self.root / "ckpt" / f"{name}-{run_key(cfg, self.recipe.data, *upstream)}"
+        if not is_done(out):
+            self.log(f"training {name} -> {out}")
+            t0 = time.perf_counter()
+            train(cfg, source_fn(), out, device=self.device, extra_batch=extra)
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+        self._dirs[name] = out
+        return out
+
+    def _images(self):
+        ds = self.dataset
+        if not hasattr(ds, "images"):
+            raise ValueError("training tokenizers needs an in-memory dataset (data.name=shapes); "
+                             "for ImageNet load the public KL-16 / VQ-16 weights instead")
+        return ImageSource(ds.images, ds.labels)
+
+    def tokenizer(self, kind: str):
+        out = self._ensure(kind, self.recipe.stages[kind], (), self._images)
+        return load_trained(out, device=self.device)
+
+    def cache(self):
+        if self._cache is None:
+            from d2c.data.cache import build_token_cache
+            kl, vq = self.tokenizer("kl"), self.tokenizer("vq")
+            self._cache = build_token_cache(self.dataset, self.root / "cache", kl=kl, vq=vq,
+                                            device=self.device, batch_size=256)
+        return self._cache
+
+    def _upstream(self):
+        self.cache()
+        return (self._dirs["kl"].name, self._dirs["vq"].name)
+
+    def gpt(self):
+        out = self._ensure("gpt", self.recipe.stages["gpt"], self._upstream(),
+                           lambda: TokenSource(self.cache()))
+        return load_trained(out, device=self.device)
+
+    def mar(self, family: str):
+        cfg = mar_config(self.recipe, family)
+        scale = self.tokenizer("kl").cfg.scale
+        out = self._ensure(family, cfg, self._upstream(), lambda: TokenSource(self.cache()),
+                           extra={"latent_scale": scale})
+        return load_trained(out, device=self.device)
+
+    def models(self, family: str) -> dict:
+        """The keyword arguments of d2c_sample for a family."""
+        if family not in FAMILIES:
+            raise ValueError(f"family={family!r}; allowed: {', '.join(FAMILIES)}")
+        if family == "llamagen":
+            return {"gpt": self.gpt(), "vq": self.tokenizer("vq")}
+        models = {"mar": self.mar(family), "kl": self.tokenizer("kl")}
+        if family != "mar":
+            models["gpt"] = self.gpt()
+        return models
+
+
+# --------------------------------------------------------------------------- sample + measure
+
+
+def evaluate(pipe: Pipeline, family: str, *, steps: int = 16, num_images: int = 1000, batch_size: int = 100,
+             cfg: float = 1.0, temperature: float = 1.0, diffusion_steps: int | None = None, seed: int = 0,
+             progress: bool = True) -> dict:
+    """Sample `num_images` class-balanced images of a family and measure them: FID/IS/KID/PR
+    (embedded feature net), class accuracy, and speed (per-stage seconds, NFEs, peak memory)."""
+    from d2c.metrics import balanced_labels, class_accuracy, compute_metrics, speed_record
+    from d2c.sampling import SampleResult, d2c_sample
+
+    models = pipe.models(family)
+    num_classes = models["gpt"].cfg.num_classes if "gpt" in models else models["mar"].cfg.class_num
+    labels = balanced_labels(num_images, num_classes)
+    images, timings, nfe = [], {}, {}
+    chunks = list(torch.split(labels, batch_size))
+    it = chunks
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(chunks, desc=f"sample {family} steps={steps}", dynamic_ncols=True)
+    for i, lab in enumerate(it):
+        res = d2c_sample(lab, seed=seed * 100_003 + i, steps=steps, cfg=cfg, temperature=temperature,
+                         diffusion_steps=diffusion_steps, **models)
+        images.append(res.images)
+        for k, v in res.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+        nfe = res.nfe
+    images = torch.cat(images)
+    speed = speed_record(SampleResult(images, None, None, timings, nfe), num_images, pipe.device)
+    metrics = compute_metrics(images, mode="embedded", cache_dir=pipe.root / "cache", device=pipe.device)
+    metrics["class_accuracy"] = class_accuracy(images, labels, cache_dir=pipe.root / "cache")
+    return {"family": family, "steps": steps, "cfg": cfg, "num_images": num_images,
+            "metrics": metrics, "speed": speed, "images": images}
+
+
+def main(argv=None):
+    """Train the embedded default from scratch (or reuse) and print the FID / speed table."""
+    import argparse
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--root", default="outputs")
+    ap.add_argument("--steps", default="16,64", help="MAR iterations, comma separated")
+    ap.add_argument("--num-images", type=int, default=1000)
+    ap.add_argument("--cfg", type=float, default=1.0)
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    args = ap.parse_args(argv)
+    pipe = Pipeline(root=args.root)
+    fams = args.families.split(",")
+    t0 = time.perf_counter()
+    for fam in fams:
+        pipe.models(fam)
+    print(f"training: {json.dumps({k: round(v, 1) for k, v in pipe.timings.items()})} "
+          f"total {sum(pipe.timings.values()):.0f}s (wall {time.perf_counter() - t0:.0f}s incl. cache)")
+    from d2c.sampling import save_grid
+    print(f"{'family':16s} {'steps':>5s} {'FID':>8s} {'IS':>6s} {'acc':>6s} {'prec':>5s} {'rec':>5s} "
+          f"{'img/s':>7s} {'s/img':>7s}")
+    for fam in fams:
+        for steps in ([1] if fam == "llamagen" else [int(s) for s in args.steps.split(",")]):
+            r = evaluate(pipe, fam, steps=steps, num_images=args.num_images, cfg=args.cfg)
+            m, s = r["metrics"], r["speed"]
+            save_grid(r["images"][:: max(1, args.num_images // 100)][:100], Path(args.root) / "grids" / f"{fam}_{steps}.png", nrow=10)
+            print(f"{fam:16s} {steps if fam != 'llamagen' else '-':>5} {m['fid']:8.2f} {m['is_mean']:6.2f} "
+                  f"{m['class_accuracy']:6.3f} {m['precision']:5.2f} {m['recall']:5.2f} "
+                  f"{s['images_per_second']:7.2f} {s['seconds_per_image']:7.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""Data: the embedded shapes dataset, ImageNet-style folders with ADM's centre crop, and the
+token cache (round trip against the tokenizers, reuse by key, crash safety)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import d2c
+from d2c.data import (DataConfig, DataError, ImageFolder, ShapesDataset, TokenCache, build_dataset,
+                      build_token_cache, make_shapes, sample_latents, token_cache_key)
+from d2c.data.cache import CacheError, cache_path, is_complete
+from d2c.data.imagefolder import BadImageWarning, center_crop_arr
+from d2c.data.shapes import NUM_CLASSES
+
+N_IMAGES = 16   # the tiny tokenizers cost ~0.1 s an image (+ flip, both) on a busy 2-core CPU
+BATCH = 8
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def test_shapes_deterministic_and_balanced():
+    a, la = make_shapes(200, seed=3)
+    b, lb = make_shapes(200, seed=3)
+    c, lc = make_shapes(200, seed=4)
+    assert a.dtype == torch.uint8 and a.shape == (200, 3, 32, 32)
+    assert a.numpy().tobytes() == b.numpy().tobytes() and torch.equal(la, lb)
+    assert a.numpy().tobytes() != c.numpy().tobytes()
+    assert torch.bincount(la, minlength=NUM_CLASSES).tolist() == [20] * NUM_CLASSES
+    ds = ShapesDataset(n=50, seed=1)
+    x, y = ds[7]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+    assert 0 <= int(y) < NUM_CLASSES
+
+
+def test_build_dataset_from_config(tmp_path):
+    ds = build_dataset(DataConfig(name="shapes", num_images=30, seed=2, image_size=16))
+    assert len(ds) == 30 and ds[0][0].shape == (3, 16, 16)
+    assert torch.equal(ds.images, build_dataset({"name": "shapes", "num_images": 30, "seed": 2,
+                                                 "image_size": 16}).images)
+    with pytest.raises(DataError, match=r"data.name='imagenet'; allowed: shapes, imagefolder"):
+        build_dataset(DataConfig(name="imagenet"))
+    with pytest.raises(DataError, match="data.root is required"):
+        build_dataset(DataConfig(name="imagefolder"))
+    _write_png(tmp_path / "a" / "x.png", np.full((40, 50, 3), 100, np.uint8))
+    f = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16))
+    assert isinstance(f, ImageFolder) and f[0][0].shape == (3, 16, 16)
+
+
+# --------------------------------------------------------------------------- image folder
+
+
+def _write_png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def _ramp(w, h, axis, lo=3.0, step=5.0):
+    """uint8 (h, w, 3): value lo + step * (pixel index along axis)."""
+    v = (lo + step * np.arange(w if axis == 1 else h)).astype(np.uint8)
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[:] = v[None, :, None] if axis == 1 else v[:, None, None]
+    return arr
+
+
+def _expected_ramp(w, h, size, axis, lo=3.0, step=5.0):
+    """The ADM crop of a linear ramp, in float64 and without PIL: BOX halving and BICUBIC
+    resizing keep a linear ramp linear (in continuous pixel coordinates), so each output pixel
+    is the ramp at the source position of its centre."""
+    sw, sh = w, h
+    while min(sw, sh) >= 2 * size:
+        sw, sh = sw // 2, sh // 2
+    scale = size / min(sw, sh)
+    rw, rh = round(sw * scale), round(sh * scale)
+    n_src, n_res = (w, rw) if axis == 1 else (h, rh)
+    off = (n_res - size) // 2
+    pos = (np.arange(size) + off + 0.5) * n_src / n_res - 0.5   # source pixel-index coordinate
+    vals = (lo + step * pos) / 127.5 - 1.0
+    return np.broadcast_to(vals[None, :] if axis == 1 else vals[:, None], (size, size))
+
+
+@pytest.mark.parametrize("w,h,size,axis", [(40, 20, 8, 1), (45, 12, 8, 1), (20, 40, 8, 0), (12, 45, 8, 0)])
+def test_center_crop_matches_float64_ramp(tmp_path, w, h, size, axis):
+    _write_png(tmp_path / "c" / "ramp.png", _ramp(w, h, axis))
+    x, y = ImageFolder(tmp_path, image_size=size)[0]
+    assert x.shape == (3, size, size) and y == 0
+    want = torch.from_numpy(_expected_ramp(w, h, size, axis).copy()).float()
+    # one uint8 level of slack for PIL's fixed-point filters; a crop one pixel off costs >= 3 levels
+    assert (x - want).abs().max() <= 1.0 / 127.5, (x[0] - want).abs().max()
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+
+
+@pytest.mark.parametrize("w,h,halvings,crop_x", [(44, 16, 1, 7), (100, 32, 2, 8)])
+def test_center_crop_box_halving(w, h, halvings, crop_x):
+    """Short side >= 2*size halves with BOX (exact block means here, as the sizes are even)
+    until the resize is the identity: expectation in float64 block means, then the crop."""
+    arr = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mean = arr.astype(np.float64)
+    for _ in range(halvings):   # pair means along width, then height, each stored as uint8 (round half up)
+        hh, ww = mean.shape[0], mean.shape[1] // 2
+        mean = np.floor(mean.reshape(hh, ww, 2, 3).mean(axis=2) + 0.5)
+        mean = np.floor(mean.reshape(hh // 2, 2, ww, 3).mean(axis=1) + 0.5)
+    out = np.asarray(center_crop_arr(Image.fromarray(arr), 8)).astype(np.float64)
+    assert out.shape == (8, 8, 3)
+    assert np.abs(out - mean[:, crop_x:crop_x + 8]).max() <= 1.0   # Pillow 13 gives 0 here
+
+
+def _adm_center_crop_arr(pil_image, image_size):
+    """guided-diffusion `image_datasets.center_crop_arr` (also MAR's), as the oracle."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+def test_center_crop_equals_adm_reference():
+    rng = np.random.default_rng(2)
+    for w, h, size in [(500, 375, 256), (333, 500, 256), (37, 23, 16), (64, 64, 32), (31, 90, 32), (257, 256, 128)]:
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ours = np.asarray(center_crop_arr(Image.fromarray(arr), size))
+        assert ours.shape == (size, size, 3)
+        assert np.array_equal(ours, _adm_center_crop_arr(Image.fromarray(arr), size)), (w, h, size)
+
+
+def test_center_crop_no_resize_is_pure_crop():
+    arr = np.random.default_rng(0).integers(0, 256, (16, 27, 3), dtype=np.uint8)
+    out = np.asarray(center_crop_arr(Image.fromarray(arr), 16))
+    assert np.array_equal(out, arr[:, 5:21])
+
+
+def test_imagefolder_sizes_labels_constant_values(tmp_path):
+    colour = np.array([200, 10, 90], np.uint8)
+    sizes = [(37, 23), (23, 61), (300, 257), (33, 33)]
+    for k, (w, h) in enumerate(sizes):
+        _write_png(tmp_path / "zebra" / f"{k}.png", np.broadcast_to(colour, (h, w, 3)).copy())
+    Image.fromarray(np.full((29, 41, 3), 128, np.uint8)).save(tmp_path / "zebra" / "j.jpg", quality=95)
+    (tmp_path / "apple").mkdir()
+    _write_png(tmp_path / "apple" / "sub" / "a.png", np.full((19, 70, 3), 7, np.uint8))
+    (tmp_path / "zebra" / "notes.txt").write_text("not an image extension: ignored")
+    ds = ImageFolder(tmp_path, image_size=16)
+    assert ds.classes == ["apple", "zebra"] and len(ds) == 6
+    assert ds.targets == [0] + [1] * 5
+    want = torch.from_numpy(colour.astype(np.float64) / 127.5 - 1.0).float()[:, None, None]
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+        path = ds.samples[i][0]
+        if path.endswith(".png") and y == 1:
+            assert torch.allclose(x, want.expand_as(x), atol=1e-6), path
+        if path.endswith(".jpg"):
+            assert (x - (128 / 127.5 - 1)).abs().max() <= 2 / 127.5
+    assert torch.allclose(ds[0][0], torch.full((3, 16, 16), 7 / 127.5 - 1))
+
+
+def _folder_with_bad(tmp_path):
+    for k in range(3):
+        _write_png(tmp_path / "a" / f"{k}.png", np.full((20, 24, 3), 40 * k, np.uint8))
+    (tmp_path / "a" / "garbage.jpg").write_bytes(b"this is not an image at all")
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(noise)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "truncated.png").write_bytes(noise.read_bytes()[:1000])   # header ok, data cut
+    noise.unlink()
+    _write_png(tmp_path / "b" / "ok.png", np.full((30, 22, 3), 250, np.uint8))
+    return tmp_path
+
+
+def test_bad_images_skip_at_load_time(tmp_path):
+    ds = ImageFolder(_folder_with_bad(tmp_path), image_size=8, on_bad="skip")
+    assert len(ds) == 6 and ds.num_bad == 0
+    with pytest.warns(BadImageWarning, match="skipping unreadable image") as rec:
+        items = [ds.get_or_none(i) for i in range(len(ds))]
+        x, _ = ds[[p for p, _ in ds.samples].index(str(tmp_path / "b" / "truncated.png"))]
+    assert len(rec) == 1                                   # reported once, then counted
+    assert sum(it is None for it in items) == 2 and ds.num_bad == 2
+    assert torch.equal(x, ds[0][0])   # substitute: the next good one (the last file wraps to the first)
+
+
+def test_bad_images_skip_at_index_time(tmp_path):
+    root = _folder_with_bad(tmp_path)
+    with pytest.warns(BadImageWarning, match=r"skipped 1 unreadable image\(s\)"):
+        ds = ImageFolder(root, image_size=8, verify="header")   # garbage caught, truncated not yet
+    assert len(ds) == 5 and ds.num_bad == 1
+    with pytest.warns(BadImageWarning, match=r"skipped 2 unreadable image\(s\)"):
+        ds = ImageFolder(root, image_size=8, verify="full")
+    assert len(ds) == 4 and all(ds.get_or_none(i) is not None for i in range(4))
+
+
+def test_bad_images_error(tmp_path):
+    root = _folder_with_bad(tmp_path)
+    with pytest.raises(DataError) as e:
+        ImageFolder(root, image_size=8, on_bad="error", verify="header")
+    assert "garbage.jpg" in str(e.value) and "\n" not in str(e.value)
+    ds = ImageFolder(root, image_size=8, on_bad="error")
+    with pytest.raises(DataError) as e:
+        for i in range(len(ds)):
+            ds[i]
+    assert str(e.value).startswith("unreadable image ") and "\n" not in str(e.value)
+    with pytest.raises(DataError, match="on_bad='ignore'; allowed: skip, error"):
+        ImageFolder(root, on_bad="ignore")
+
+
+def test_missing_or_empty_root(tmp_path):
+    with pytest.raises(DataError) as e:
+        ImageFolder(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match="no images found under .*empty"):
+        ImageFolder(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------- token cache
+
+
+@pytest.fixture(scope="module")
+def tok():
+    torch.manual_seed(0)
+    return d2c.build("kl_tiny").eval(), d2c.build("vq_tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return ShapesDataset(n=N_IMAGES, seed=5, size=32)
+
+
+def _direct(kl, vq, images):
+    """What the tokenizers give for images and their width flips, batch by batch as the build."""
+    out = {"m0": [], "m1": [], "c0": [], "c1": []}
+    with torch.no_grad():
+        for s in range(0, len(images), BATCH):
+            x = images[s:s + BATCH]
+            for f, v in ((0, x), (1, torch.flip(x, dims=[3]))):
+                out[f"m{f}"].append(kl.encode_moments(v))
+                out[f"c{f}"].append(vq.encode(v))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tok, shapes):
+    """One cache of the shapes images, and the tokenizers' outputs computed directly."""
+    kl, vq = tok
+    root = tmp_path_factory.mktemp("cache")
+    cache = build_token_cache(shapes, root, kl=kl, vq=vq, batch_size=BATCH, progress=False)
+    images = torch.stack([shapes[i][0] for i in range(N_IMAGES)])
+    return root, cache, _direct(kl, vq, images)
+
+
+def test_cache_round_trip(built, shapes):
+    _, cache, d = built
+    assert isinstance(cache, TokenCache) and len(cache) == N_IMAGES
+    meta = json.loads((cache.path / "meta.json").read_text())
+    assert meta["arrays"]["moments"]["shape"] == [N_IMAGES, 2, 8, 8, 8]
+    assert meta["arrays"]["moments"]["dtype"] == "float32"
+    assert meta["arrays"]["codes"] == {"file": "codes.npy", "shape": [N_IMAGES, 2, 8, 8], "dtype": "int16"}
+    assert meta["num_valid"] == N_IMAGES and meta["num_bad"] == 0 and meta["image_size"] == [32, 32]
+    assert isinstance(np.load(cache.path / "moments.npy", mmap_mode="r"), np.memmap)
+    idx = torch.arange(N_IMAGES)
+    for f in (0, 1):
+        b = cache.get_batch(idx, f)
+        assert b["moments"].dtype == torch.float32 and b["codes"].dtype == torch.int64
+        assert torch.equal(b["moments"], d[f"m{f}"]), f
+        assert torch.equal(b["codes"], d[f"c{f}"]), f
+        assert torch.equal(b["labels"], shapes.labels) and b["flips"].tolist() == [bool(f)] * N_IMAGES
+    assert not torch.equal(d["m0"], d["m1"]) and not torch.equal(d["c0"], d["c1"])
+
+    # per-sample flips chosen by the trainer, shuffled indices
+    perm = torch.randperm(N_IMAGES)[:12]
+    flips = torch.arange(12) % 3 == 0
+    b = cache.get_batch(perm, flips)
+    want = torch.where(flips[:, None, None, None], d["m1"][perm], d["m0"][perm])
+    assert torch.equal(b["moments"], want) and torch.equal(b["flips"], flips)
+    assert torch.equal(b["codes"], torch.where(flips[:, None, None], d["c1"][perm], d["c0"][perm]))
+
+    # Dataset items: random flip from a generator (reproducible), or an explicit one
+    r1 = TokenCache(cache.path, generator=torch.Generator().manual_seed(1))
+    r2 = TokenCache(cache.path, generator=torch.Generator().manual_seed(1))
+    got = [r1[i][3] for i in range(N_IMAGES)]
+    assert got == [r2[i][3] for i in range(N_IMAGES)] and 0 < sum(got) < N_IMAGES
+    m, c, y, fl = cache[3, 1]
+    assert torch.equal(m, d["m1"][3]) and torch.equal(c, d["c1"][3]) and y == int(shapes.labels[3]) and fl
+    assert torch.equal(TokenCache(cache.path, flip=0, mmap=False)[5][0], d["m0"][5])
+
+    # latents: posterior sample * scale, reproducible from the generator
+    m = b["moments"]
+    z1 = sample_latents(m, 0.5, torch.Generator().manual_seed(0))
+    z2 = sample_latents(m, 0.5, torch.Generator().manual_seed(0))
+    mean, logvar = m.chunk(2, dim=1)
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(z1, z2) and z1.shape == mean.shape
+    assert torch.allclose(z1, (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * eps) * 0.5, atol=1e-6)
+
+
+def test_cache_reused_by_key_and_key_changes(built, tok, shapes):
+    kl, vq = tok
+    tmp_path, c1, _ = built
+    stamp = {p.name: p.stat().st_mtime_ns for p in c1.path.iterdir()}
+
+    calls = []
+    orig = kl.encode_moments
+    kl.encode_moments = lambda x: (calls.append(1), orig(x))[1]
+    try:
+        vq.quantize.codebook_used.fill_(3.0)   # usage statistics: not part of the key
+        c2 = build_token_cache(shapes, tmp_path, kl=kl, vq=vq, batch_size=BATCH, progress=False)
+    finally:
+        del kl.encode_moments
+        vq.quantize.codebook_used.zero_()
+    assert calls == [] and c2.path == c1.path
+    assert {p.name: p.stat().st_mtime_ns for p in c2.path.iterdir()} == stamp
+
+    key = token_cache_key(shapes, kl, vq)[0]
+    kl2 = d2c.build("kl_tiny")
+    kl2.load_state_dict(kl.state_dict())
+    assert token_cache_key(shapes, kl2, vq)[0] == key
+    with torch.no_grad():
+        kl2.encoder.conv_in.bias[0] += 1e-3
+    assert token_cache_key(shapes, kl2, vq)[0] != key
+    assert token_cache_key(shapes, kl, None)[0] != key
+    assert token_cache_key(ShapesDataset(n=N_IMAGES, seed=6), kl, vq)[0] != key
+    small = build_token_cache(ShapesDataset(n=8, seed=5, size=16), tmp_path, kl=None, vq=vq, batch_size=BATCH,
+                              progress=False)
+    assert small.path != c1.path and small.moments is None and small.get_batch([0, 1], 0)["moments"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([c1.path.name, small.path.name])
+
+
+def test_cache_crash_leaves_nothing_complete(tmp_path, tok):
+    kl, vq = tok
+    shapes = ShapesDataset(n=12, seed=2, size=16)
+    calls = []
+
+    def failing(x, _orig=vq.encode):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return _orig(x)
+
+    vq.encode = failing
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            build_token_cache(shapes, tmp_path, kl=kl, vq=vq, batch_size=4, progress=False)
+    finally:
+        del vq.encode
+    assert len(calls) == 3     # two calls a batch (image, flip): it died in the second batch
+    key = token_cache_key(shapes, kl, vq)[0]
+    assert not cache_path(tmp_path, key).exists()
+    assert not any(is_complete(p) for p in tmp_path.iterdir())
+    cache = build_token_cache(shapes, tmp_path, kl=kl, vq=vq, batch_size=4, progress=False)
+    assert len(cache) == 12 and is_complete(cache.path, key)
+    assert torch.equal(cache.get_batch([0], 0)["codes"][0], vq.encode(shapes[0][0][None])[0])
+
+
+def test_cache_killed_process_then_rebuild(tmp_path, tok):
+    """A build killed without any cleanup (os._exit) leaves only a temp folder; the next build
+    ignores it, succeeds and removes it."""
+    kl, vq = tok
+    torch.manual_seed(0)
+    ds = ShapesDataset(n=12, seed=1, size=16)
+    from safetensors.torch import save_file
+    save_file(kl.state_dict(), str(tmp_path / "kl.safetensors"))
+    save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, str(tmp_path / "vq.safetensors"))
+    script = textwrap.dedent(f"""
+        import os, torch, d2c
+        from safetensors.torch import load_file
+        from d2c.data import ShapesDataset, build_token_cache
+        torch.set_num_threads(1)
+        kl, vq = d2c.build("kl_tiny"), d2c.build("vq_tiny")
+        kl.load_state_dict(load_file({str(tmp_path / "kl.safetensors")!r}))
+        vq.load_state_dict(load_file({str(tmp_path / "vq.safetensors")!r}))
+        orig, n = vq.encode, [0]
+        def enc(x):
+            n[0] += 1
+            if n[0] == 3:
+                os._exit(9)
+            return orig(x)
+        vq.encode = enc
+        build_token_cache(ShapesDataset(n=12, seed=1, size=16), {str(tmp_path / "out")!r}, kl=kl, vq=vq,
+                          batch_size=4, progress=False)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr
+    left = list((tmp_path / "out").iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".tmp-tokens-") and not is_complete(left[0])
+    cache = build_token_cache(ds, tmp_path / "out", kl=kl, vq=vq, batch_size=4, progress=False)
+    assert len(cache) == 12
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [cache.path.name]
+
+
+def test_cache_from_imagefolder_leaves_out_bad(tmp_path, tok):
+    kl, vq = tok
+    root = tmp_path / "imgs"
+    for k in range(5):
+        _write_png(root / f"c{k % 2}" / f"{k}.png",
+                   np.random.default_rng(k).integers(0, 256, (40 + k, 50, 3), dtype=np.uint8))
+    (root / "c1" / "bad.png").write_bytes(b"\x89PNG broken")
+    ds = ImageFolder(root, image_size=32)
+    with pytest.warns(UserWarning, match="left out 1 unreadable image"), pytest.warns(BadImageWarning):
+        cache = build_token_cache(ds, tmp_path / "cache", kl=kl, vq=vq, batch_size=4, progress=False)
+    assert len(cache) == 5 and cache.meta["num_bad"] == 1 and cache.meta["classes"] == ["c0", "c1"]
+    good = [i for i in range(len(ds)) if not ds.samples[i][0].endswith("bad.png")]
+    x = torch.stack([ds[i][0] for i in good])
+    b = cache.get_batch(torch.arange(5), 1)
+    assert b["labels"].tolist() == [ds.samples[i][1] for i in good]
+    with torch.no_grad():
+        assert torch.allclose(b["moments"], kl.encode_moments(torch.flip(x, dims=[3])), atol=1e-5)
+    with pytest.raises(IndexError):
+        cache.get_batch([5], 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = build_token_cache(ds, tmp_path / "cache", kl=kl, vq=vq, batch_size=4, progress=False)
+    assert again.path == cache.path
+
+
+def test_cache_errors(tmp_path, tok, shapes):
+    kl, _ = tok
+    with pytest.raises(CacheError, match="at least one tokenizer"):
+        build_token_cache(shapes, tmp_path, batch_size=8)
+    with pytest.raises(CacheError, match="moments_dtype='bfloat16'"):
+        build_token_cache(shapes, tmp_path, kl=kl, moments_dtype="bfloat16")
+    with pytest.raises(CacheError, match="not a complete token cache"):
+        TokenCache(tmp_path)
+    half = build_token_cache(ShapesDataset(n=4, seed=0, size=16), tmp_path, kl=kl, batch_size=4,
+                             progress=False, moments_dtype="float16")
+    assert half.moments.dtype == np.float16 and half.get_batch([0], 0)["moments"].dtype == torch.float32

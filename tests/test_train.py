@@ -1,0 +1,200 @@
+"""The training loop: it learns, it checkpoints atomically, it resumes exactly, DDP matches."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import d2c
+from d2c.config import TrainConfig
+from d2c.data.shapes import make_shapes
+from d2c.train import (ImageSource, TokenSource, batch_indices, load_trained, lr_at, param_groups,
+                       save_checkpoint, train)
+
+
+class MemoryCache:
+    """In-memory stand-in with TokenCache's get_batch contract (codes / moments per flip)."""
+
+    def __init__(self, n=64, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.codes = torch.randint(0, 512, (n, 2, 8, 8), generator=g)
+        self.moments = torch.randn(n, 2, 8, 8, 8, generator=g) * 0.5
+        self.labels = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def get_batch(self, idx, flip):
+        f = flip.long()
+        return {"codes": self.codes[idx, f], "moments": self.moments[idx, f], "labels": self.labels[idx]}
+
+
+def _cfg(**kw):
+    base = dict(stage="gpt", preset="gpt_tiny", batch_size=8, steps=6, lr=3e-3, warmup_steps=1,
+                ema_decay=0.9, ckpt_every=2, log_every=1, progress=False, tensorboard=False,
+                precision="fp32", overrides={"resid_dropout_p": 0.0, "ffn_dropout_p": 0.0,
+                                             "token_dropout_p": 0.0, "class_dropout_prob": 0.0})
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(run, ema=False):
+    return load_trained(run, ema=ema).state_dict()
+
+
+def test_lr_schedule_and_decay_groups():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, steps=110, schedule="cosine", min_lr=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+    mar = d2c.build("mar_tiny")
+    decay, no_decay = param_groups(mar, 0.02)
+    names = {id(p): n for n, p in mar.named_parameters()}
+    assert all(p.ndim >= 2 and "diffloss" not in names[id(p)] for p in decay["params"])
+    assert any("diffloss" in names[id(p)] and p.ndim == 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(mar.parameters()))
+
+
+def test_batches_cover_each_epoch_once():
+    seen = torch.cat([batch_indices(s, 40, 8, seed=3)[0] for s in range(5)])
+    assert sorted(seen.tolist()) == list(range(40))
+    assert not torch.equal(batch_indices(5, 40, 8, 3)[0], batch_indices(0, 40, 8, 3)[0])
+
+
+@pytest.mark.parametrize("stage,preset", [("kl", "kl_tiny"), ("vq", "vq_tiny"), ("gpt", "gpt_tiny"), ("mar", "mar_tiny")])
+def test_one_step_changes_weights_and_few_steps_lower_loss(tmp_path, stage, preset):
+    """Overfit one fixed batch: the loss must go down (fixed batch: dataset == one batch)."""
+    from d2c.train import stage_loss
+    if stage in ("kl", "vq"):
+        im, lab = make_shapes(8, seed=0)
+        src = ImageSource(im, lab)
+    else:
+        src = TokenSource(MemoryCache(n=8))
+    ov = {"mar": {"fusion": "qformer", "vae_embed_dim": 4}}.get(stage, {})
+    cfg = TrainConfig(stage=stage, preset=preset, batch_size=8, steps=1, lr=2e-3, warmup_steps=1,
+                      progress=False, tensorboard=False, precision="fp32", ema_decay=0.0, overrides=ov)
+    extra = {"latent_scale": 1.0} if stage == "mar" else None
+    torch.manual_seed(0)
+    init = d2c.build(preset, **ov).state_dict()
+    train(cfg, src, tmp_path / "a", extra_batch=extra)
+    after = load_trained(tmp_path / "a", ema=False).state_dict()
+    changed = [k for k in init if init[k].is_floating_point() and not torch.equal(init[k], after[k])]
+    # MAR's DiffLoss output starts at zero, so on step 1 only the head (and decayed matrices)
+    # can move; the other stages update most tensors at once
+    frac = 0.2 if stage == "mar" else 0.5
+    assert len(changed) > frac * len([k for k in init if init[k].is_floating_point()])
+    if stage == "mar":
+        assert any(k.startswith("diffloss.net.final_layer.linear") for k in changed)
+
+    # a few more steps on the same batch: the loss on that batch (same randomness) goes down
+    def loss_of(model):
+        torch.manual_seed(123)
+        batch = {**src.get(torch.arange(8), torch.zeros(8, dtype=torch.bool)), **(extra or {})}
+        model.train()
+        with torch.no_grad():
+            return stage_loss(stage, model, batch, cfg)[0].item()
+    before = loss_of(load_trained(tmp_path / "a", ema=False))
+    train(TrainConfig(**{**cfg.__dict__, "steps": 12}), src, tmp_path / "a", extra_batch=extra)
+    assert loss_of(load_trained(tmp_path / "a", ema=False)) < 0.9 * before
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    src = TokenSource(MemoryCache())
+    # dropout on: resume must also restore the randomness, not only weights and optimizer
+    cfg = _cfg(overrides={"resid_dropout_p": 0.1})
+    train(cfg, src, tmp_path / "full")
+    train(_cfg(overrides={"resid_dropout_p": 0.1}, steps=4), src, tmp_path / "part")  # "crash" after step 4
+    train(cfg, src, tmp_path / "part")                                                  # resume to 6
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ea, eb = _weights(tmp_path / "full", ema=True), _weights(tmp_path / "part", ema=True)
+    for k in ea:
+        assert torch.equal(ea[k], eb[k]), k
+    assert sorted(p.name for p in (tmp_path / "full").glob("step_*")) == ["step_0000004", "step_0000006"]
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    src = TokenSource(MemoryCache())
+    train(_cfg(steps=2), src, tmp_path / "r")
+    good = _weights(tmp_path / "r")
+    import d2c.train as T
+    real = T.save_safetensors
+    calls = {"n": 0}
+
+    def dying(obj, path):
+        calls["n"] += 1
+        if calls["n"] == 2:               # the EMA file of the next checkpoint: half written, then dead
+            path.write_bytes(b"\x00" * 17)
+            raise KeyboardInterrupt("killed")
+        return real(obj, path)
+    monkeypatch.setattr(T, "save_safetensors", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(steps=4), src, tmp_path / "r")
+    monkeypatch.setattr(T, "save_safetensors", real)
+    loaded = _weights(tmp_path / "r")      # the previous checkpoint, intact
+    for k in good:
+        assert torch.equal(good[k], loaded[k])
+    train(_cfg(steps=4), src, tmp_path / "r")   # and the run still completes
+    assert json.loads((tmp_path / "r" / "DONE").read_text())["steps"] == 4
+
+
+_KILL_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_train import MemoryCache, _cfg
+from d2c.train import TokenSource, train
+train(_cfg(steps=400, ckpt_every=1, keep_checkpoints=2), TokenSource(MemoryCache()), {out!r})
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_always_leaves_a_loadable_checkpoint(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path / "r")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)) + "/core",
+                                                         os.environ.get("PYTHONPATH", "")])}
+    g = torch.Generator().manual_seed(0)
+    run, last = tmp_path / "r", 0
+
+    def newest():
+        return max([int(p.name[5:]) for p in run.glob("step_*")] or [0])
+    for i in range(4):
+        p = subprocess.Popen([sys.executable, str(script)], env=env)
+        deadline = time.time() + 120
+        while newest() <= last and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5 * torch.rand(1, generator=g).item())   # then die at a random point
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not list(run.glob(".tmp_step_*/DONE"))
+        load_trained(run)                                      # must always load
+        assert newest() > last                                 # each restart resumed and progressed
+        last = newest()
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        train(_cfg(steps=3, lr=1e-2), TokenSource(MemoryCache()), out, device="cpu")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_gloo_two_processes_equal_one_process(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    train(_cfg(steps=3, lr=1e-2), TokenSource(MemoryCache()), tmp_path / "one")
+    a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+    assert max((a[k] - d2c.build("gpt_tiny").state_dict()[k]).abs().max() for k in a) > 1e-3  # it trained
