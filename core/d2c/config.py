@@ -195,12 +195,13 @@ PRESETS: dict[str, object] = {
                          image_size=32, scale=1.0),
     "vq_small": VQConfig(codebook_size=256, codebook_embed_dim=8, z_channels=16, ch=16,
                          ch_mult=(1, 2, 4), num_res_blocks=1, image_size=32),
-    "gpt_small": GPTConfig(dim=192, n_layer=4, n_head=6, multiple_of=64, vocab_size=256,
+    "gpt_small": GPTConfig(dim=128, n_layer=4, n_head=4, multiple_of=64, vocab_size=256,
                            num_classes=10, block_size=64),
     "mar_small": MARConfig(img_size=32, vae_stride=4, encoder_embed_dim=128, encoder_depth=3,
                            encoder_num_heads=4, decoder_embed_dim=128, decoder_depth=3,
                            decoder_num_heads=4, vae_embed_dim=4, class_num=10, buffer_size=16,
-                           diffloss_d=3, diffloss_w=256, num_sampling_steps=50,
+                           attn_dropout=0.0, proj_dropout=0.0, diffloss_d=3, diffloss_w=128,
+                           num_sampling_steps=50, diffusion_batch_mul=1,  # CPU budget: head is 2/3 of a step
                            fusion=FusionConfig(codebook_size=256, d_fuse=128, num_heads=4,
                                                num_queries=16, depth=2)),
 }

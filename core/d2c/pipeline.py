@@ -31,9 +31,9 @@ def _default_stages() -> dict:
     return {
         "kl": TrainConfig(stage="kl", preset="kl_small", steps=400, batch_size=32, lr=2e-3, **common),
         "vq": TrainConfig(stage="vq", preset="vq_small", steps=400, batch_size=32, lr=2e-3, **common),
-        "gpt": TrainConfig(stage="gpt", preset="gpt_small", steps=600, batch_size=64, lr=2e-3,
+        "gpt": TrainConfig(stage="gpt", preset="gpt_small", steps=400, batch_size=64, lr=2e-3,
                            weight_decay=0.05, grad_clip=1.0, **common),
-        "mar": TrainConfig(stage="mar", preset="mar_small", steps=600, batch_size=64, lr=2e-3, **common),
+        "mar": TrainConfig(stage="mar", preset="mar_small", steps=400, batch_size=64, lr=2e-3, **common),
     }
 
 

@@ -1,0 +1,60 @@
+"""The stage chain: keyed by config, reused when finished, retrained only downstream of a change."""
+import dataclasses
+
+import pytest
+import torch
+
+from d2c.config import TrainConfig
+from d2c.data.imagefolder import DataConfig
+from d2c.pipeline import Pipeline, Recipe, evaluate, mar_config
+
+
+def _tiny_recipe(**gpt_kw):
+    common = dict(batch_size=16, steps=3, lr=1e-3, warmup_steps=1, ema_decay=0.5, progress=False,
+                  tensorboard=False, precision="fp32", scale_batches=2)
+    return Recipe(data=DataConfig(num_images=64, seed=5), stages={
+        "kl": TrainConfig(stage="kl", preset="kl_tiny", **common),
+        "vq": TrainConfig(stage="vq", preset="vq_tiny", **common),
+        "gpt": TrainConfig(stage="gpt", preset="gpt_tiny", **{**common, **gpt_kw}),
+        "mar": TrainConfig(stage="mar", preset="mar_tiny", **common),
+    })
+
+
+def test_stages_reused_and_retrained_only_downstream(tmp_path):
+    logs = []
+    pipe = Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=logs.append)
+    m = pipe.models("d2c_qformer")
+    assert m["mar"].fusion.kind == "qformer" and set(m) == {"mar", "kl", "gpt"}
+    trained = {line.split()[1] for line in logs}
+    assert trained == {"kl", "vq", "gpt", "d2c_qformer"}
+    # KL latent scale was fitted: scaled latents of real images have ~unit std
+    kl = m["kl"]
+    x = pipe.dataset.images[:32].float() / 127.5 - 1
+    assert kl.cfg.scale != 1.0
+    assert abs(float(kl.encode(x, generator=torch.Generator().manual_seed(0)).std()) - 1.0) < 0.3
+
+    logs.clear()   # same recipe, new process state: nothing retrains
+    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=logs.append).models("d2c_qformer")
+    assert logs == []
+
+    logs.clear()   # a stage-1 change retrains stage 1 only
+    Pipeline(_tiny_recipe(lr=2e-3), root=tmp_path, device="cpu", log=logs.append).models("d2c_qformer")
+    assert [line.split()[1] for line in logs] == ["gpt"]
+
+
+def test_family_configs():
+    r = Recipe()
+    assert mar_config(r, "mar").overrides["fusion"]["kind"] == "none"
+    assert mar_config(r, "d2c_cross_attn").overrides["fusion"]["kind"] == "cross_attn"
+    with pytest.raises(ValueError, match="family='gan'; allowed: llamagen, mar"):
+        Pipeline(r).models("gan")
+
+
+@pytest.mark.slow
+def test_evaluate_records_metrics_and_speed(tmp_path):
+    pipe = Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=lambda s: None)
+    r = evaluate(pipe, "d2c_cross_attn", steps=2, num_images=20, batch_size=10, progress=False)
+    assert r["images"].shape == (20, 3, 32, 32)
+    assert {"fid", "is_mean", "precision", "recall", "class_accuracy"} <= set(r["metrics"])
+    assert r["speed"]["mar_steps"] == 2 and r["speed"]["seconds_per_image"] > 0
+    assert r["speed"]["stage1_seconds"] > 0 and r["speed"]["stage2_seconds"] > 0
