@@ -193,8 +193,9 @@ PRESETS: dict[str, object] = {
     # Embedded-default presets: the sizes the CPU recipe (d2c.pipeline) trains in minutes.
     "kl_small": KLConfig(embed_dim=4, z_channels=4, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
                          image_size=32, scale=1.0),
+    # entropy loss: without it 400 steps used 10 of 256 codes (1.5 nats); with 0.1 all 256 (5.5)
     "vq_small": VQConfig(codebook_size=256, codebook_embed_dim=8, z_channels=16, ch=16,
-                         ch_mult=(1, 2, 4), num_res_blocks=1, image_size=32),
+                         ch_mult=(1, 2, 4), num_res_blocks=1, image_size=32, entropy_loss_ratio=0.1),
     "gpt_small": GPTConfig(dim=128, n_layer=4, n_head=4, multiple_of=64, vocab_size=256,
                            num_classes=10, block_size=64),
     "mar_small": MARConfig(img_size=32, vae_stride=4, encoder_embed_dim=128, encoder_depth=3,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from d2c.config import TrainConfig
+from d2c.config import TrainConfig, make_config
 from d2c.data.imagefolder import DataConfig, build_dataset
 from d2c.train import ImageSource, TokenSource, is_done, load_trained, train
 
@@ -76,7 +76,9 @@ class Pipeline:
         return self._dataset
 
     def _ensure(self, name: str, cfg: TrainConfig, upstream: tuple, source_fn, extra=None) -> Path:
-        out = self.root / "ckpt" / f"{name}-{run_key(cfg, self.recipe.data, *upstream)}"
+        # the resolved model config is hashed too: editing a preset must not reuse old weights
+        model_cfg = make_config(cfg.preset, **cfg.overrides)
+        out = self.root / "ckpt" / f"{name}-{run_key(cfg, model_cfg, self.recipe.data, *upstream)}"
         if not is_done(out):
             self.log(f"training {name} -> {out}")
             t0 = time.perf_counter()
