@@ -1,7 +1,6 @@
 """Data: the embedded shapes dataset, ImageNet-style folders with ADM's centre crop, and the
 token cache (round trip against the tokenizers, reuse by key, crash safety)."""
 import json
-import os
 import subprocess
 import sys
 import textwrap

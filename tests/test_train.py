@@ -12,8 +12,7 @@ import torch
 import d2c
 from d2c.config import TrainConfig
 from d2c.data.shapes import make_shapes
-from d2c.train import (ImageSource, TokenSource, batch_indices, load_trained, lr_at, param_groups,
-                       save_checkpoint, train)
+from d2c.train import ImageSource, TokenSource, batch_indices, load_trained, lr_at, param_groups, train
 
 
 class MemoryCache:

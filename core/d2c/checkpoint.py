@@ -77,6 +77,25 @@ def load_into(model: torch.nn.Module, sd: dict, strict: bool = True, source: str
     return model
 
 
+def fsync_path(path) -> None:
+    """Flush a file's or a folder's entry to disk (a rename is durable once its folder is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Temp file beside `path`, fsync, rename: readers see the old or the new text, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def save_safetensors(model_or_sd, path) -> None:
     """Atomic write: temp file in the same folder, fsync, rename."""
     from safetensors.torch import save_file
@@ -86,6 +105,5 @@ def save_safetensors(model_or_sd, path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(sd, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_path(tmp)
     os.replace(tmp, path)

@@ -27,8 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import d2c
-from d2c.checkpoint import load_into, load_state_dict_file, save_safetensors
+from d2c.checkpoint import atomic_write_text, fsync_path, load_into, load_state_dict_file, save_safetensors
 from d2c.config import TrainConfig, make_config, validate
+from d2c.models.gpt import next_token_loss
+from d2c.tokenizers.kl import DiagonalGaussian
 
 # --------------------------------------------------------------------------- data sources
 
@@ -105,10 +107,9 @@ def stage_loss(stage: str, model, batch: dict, cfg: TrainConfig):
         loss = rec + sum(v.float() for v in losses.values())
         return loss, {"rec": rec.item(), **{k: v.item() for k, v in losses.items()}}
     if stage == "gpt":
-        logits = model(batch["codes"], batch["labels"])      # through forward(): DDP hooks see it
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["codes"].flatten()), {}
+        # through forward() itself (not model.loss), so DDP's hooks see the call
+        return next_token_loss(model(batch["codes"], batch["labels"]), batch["codes"]), {}
     if stage == "mar":
-        from d2c.tokenizers.kl import DiagonalGaussian
         latents = DiagonalGaussian(batch["moments"].float()).sample() * batch["latent_scale"]
         return model(latents, batch["labels"], codes=batch.get("codes")), {}
     raise ValueError(f"stage={stage!r}; allowed: {', '.join(TrainConfig.STAGES)}")
@@ -192,18 +193,12 @@ def save_checkpoint(out: Path, step: int, model, ema: EMA, opt, keep: int):
     tmp.mkdir(parents=True)
     save_safetensors(model, tmp / "model.safetensors")
     save_safetensors(ema.shadow, tmp / "ema.safetensors")
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save({"step": step, "optimizer": opt.state_dict()}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    torch.save({"step": step, "optimizer": opt.state_dict()}, tmp / "state.pt")
+    fsync_path(tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(out)
     for old in _ckpt_dirs(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -292,7 +287,7 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
         start = state["step"]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_config_json(cfg, model_cfg), indent=1))
+        atomic_write_text(out / "config.json", json.dumps(_config_json(cfg, model_cfg), indent=1))
 
     ddp = model
     if world > 1:
@@ -356,7 +351,7 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
     if rank == 0:
         if cfg.stage == "kl":
             _store_latent_scale(out, cfg, model_cfg, ema, source, device)
-        (out / "DONE").write_text(json.dumps({"steps": cfg.steps}))
+        atomic_write_text(out / "DONE", json.dumps({"steps": cfg.steps}))
     return out
 
 
@@ -373,7 +368,5 @@ def _store_latent_scale(out: Path, cfg: TrainConfig, model_cfg, ema: EMA, source
         x = source.get(idx, flip)["images"].to(device)
         zs.append(kl.encode(x, generator=g).float().flatten())
     scale = float(1.0 / torch.cat(zs).std())
-    meta = _config_json(cfg, dataclasses.replace(model_cfg, scale=scale))
-    tmp = out / ".config.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "config.json")
+    atomic_write_text(out / "config.json",
+                      json.dumps(_config_json(cfg, dataclasses.replace(model_cfg, scale=scale)), indent=1))

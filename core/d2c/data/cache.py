@@ -41,6 +41,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from d2c.checkpoint import fsync_path
+
 FORMAT_VERSION = 1
 MOMENTS_DTYPES = ("float32", "float16")
 # Buffers that record training statistics and never change what a tokenizer outputs.
@@ -160,14 +162,6 @@ def _collate(items):
             torch.tensor([int(y) for _, _, y in good], dtype=torch.int64))
 
 
-def _fsync(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -238,7 +232,7 @@ def build_token_cache(dataset, out_dir, *, kl=None, vq=None, batch_size: int = 6
         for m, t in zip(models, was_training):
             m.train(t)
     try:
-        _fsync(out_dir)
+        fsync_path(out_dir)
     except OSError:
         pass
     return TokenCache(final)
@@ -299,7 +293,7 @@ def _write(dataset, tmp: Path, key, parts, kl, vq, batch_size, dev, progress, nu
         arr.flush()
         arrays[name] = {"file": f"{name}.npy", "shape": list(arr.shape), "dtype": str(arr.dtype)}
         del arr
-        _fsync(tmp / f"{name}.npy")
+        fsync_path(tmp / f"{name}.npy")
     del labels, moments, codes
     lab = np.load(tmp / "labels.npy", mmap_mode="r")
     valid = lab[lab >= 0]
@@ -325,7 +319,7 @@ def _write(dataset, tmp: Path, key, parts, kl, vq, batch_size, dev, progress, nu
         json.dump(meta, f, indent=1, default=_json_default)
         f.flush()
         os.fsync(f.fileno())
-    _fsync(tmp)
+    fsync_path(tmp)
 
 
 # --------------------------------------------------------------------------- read

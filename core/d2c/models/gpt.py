@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from d2c.config import GPTConfig
 from d2c.kernels.attention import attention
+from d2c.models import check_ids
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -29,17 +30,14 @@ def find_multiple(n: int, k: int) -> int:
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, allow_null: bool = False) -> None:
-    """One-line ValueError for class ids outside [0, num_classes) (or == num_classes, the null
-    class, when `allow_null`), instead of an index error deep inside the embedding."""
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.numel() == 0 or torch.compiler.is_compiling():
-        return
-    hi = num_classes if allow_null else num_classes - 1
-    lo_v, hi_v = int(labels.min()), int(labels.max())
-    if lo_v < 0 or hi_v > hi:
-        raise ValueError(f"class labels must be in [0, {hi}] (num_classes={num_classes}); "
-                         f"got values in [{lo_v}, {hi_v}]")
+    """Class ids in [0, num_classes), or up to num_classes (the null class) when `allow_null`."""
+    check_ids(labels, num_classes if allow_null else num_classes - 1, "class labels",
+              f" (num_classes={num_classes})")
+
+
+def next_token_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, T, V) against codes (B, T), in fp32 (LlamaGen)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
 
 
 # ----------------------------------------------------------------------------- 2D RoPE
@@ -240,8 +238,7 @@ class Transformer(nn.Module):
 
     def loss(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy in fp32."""
-        logits = self(codes, labels)
-        return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+        return next_token_loss(self(codes, labels), codes)
 
     # --- incremental decoding (KV cache) -------------------------------------------------
     def setup_cache(self, batch: int, max_len: int | None = None) -> None:

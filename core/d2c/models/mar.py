@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from d2c.config import MARConfig, validate
 from d2c.kernels.attention import attention
+from d2c.models import check_ids
 from d2c.models.diffloss import DiffLoss
 from d2c.models.fusion import Fusion
 
@@ -178,16 +179,6 @@ class MAR(nn.Module):
         return mask.scatter(1, orders[:, :n], 1.0)
 
     # -------------------------------------------------------------- checks
-    @staticmethod
-    def _min_max(x):
-        return torch.stack([x.min(), x.max()]).tolist() if x.numel() else (0, 0)   # one host sync
-
-    def _check_labels(self, labels):
-        lo, hi = self._min_max(labels)
-        if lo < 0 or hi >= self.num_classes:
-            raise ValueError(f"labels must be in [0, {self.num_classes - 1}] (class_num={self.num_classes}); "
-                             f"got min {lo}, max {hi}")
-
     def _check_codes(self, codes, bsz: int):
         cs = self.cfg.fusion.codebook_size
         if codes is None:
@@ -196,9 +187,7 @@ class MAR(nn.Module):
         codes = codes.reshape(codes.shape[0], -1) if codes.dim() > 1 else codes
         if codes.dim() != 2 or tuple(codes.shape) != (bsz, self.seq_len):
             raise ValueError(f"codes must have shape ({bsz}, {self.seq_len}); got {tuple(codes.shape)}")
-        lo, hi = self._min_max(codes)
-        if lo < 0 or hi >= cs:
-            raise ValueError(f"codes must be in [0, {cs - 1}] (fusion.codebook_size={cs}); got min {lo}, max {hi}")
+        check_ids(codes, cs - 1, "codes", f" (fusion.codebook_size={cs})")
         return codes.long()
 
     # -------------------------------------------------------------- encoder / decoder
@@ -262,7 +251,7 @@ class MAR(nn.Module):
             drop = torch.ones(b, dtype=torch.bool, device=tokens.device)
             if self.fusion is not None and codes is None:
                 codes = torch.zeros(b, self.seq_len, dtype=torch.long, device=tokens.device)
-        self._check_labels(labels)
+        check_ids(labels, self.num_classes - 1, "labels", f" (class_num={self.num_classes})")
         class_embedding = self.class_emb(labels)
         if drop is not None:
             drop = drop.to(device=tokens.device).bool()
