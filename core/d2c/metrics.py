@@ -132,7 +132,8 @@ def _train_feature_net(cfg: FeatureNetConfig, progress: bool = True) -> FeatureN
     # One thread: convs this small barely scale, and 2 threads beside another busy process ran
     # 19x slower (800 vs 42 ms a step, measured on the 2-core CPU); one is never that bad.
     # fork_rng: leave the caller's global RNG alone.
-    with _torch_threads(1), torch.random.fork_rng(devices=[]):
+    # inference_mode(False): callers such as class_accuracy may run under inference mode
+    with _torch_threads(1), torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(cfg.seed)
         net = FeatureNet(cfg.widths, cfg.num_classes).to(memory_format=torch.channels_last)
         gen = torch.Generator().manual_seed(cfg.seed)

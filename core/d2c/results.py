@@ -1,0 +1,151 @@
+"""The result store: one record per run, the one schema `ablations/` writes and `reports/` reads.
+
+Layout: `<results_dir>/records/<cell_id>.json`, one JSON object per file, written atomically
+(temp file, fsync, rename).  One file per cell makes concurrent writers (SLURM array jobs)
+safe without a lock and makes "is this cell finished?" a file-exists check; a crash leaves
+either no file or the whole one.
+
+Schema version 1 (`SCHEMA_VERSION`), keys of a record:
+
+    schema        int    1
+    cell_id       str    hash of the full run config (sampling axes included): the file name
+    train_key     str    hash of the training-relevant config only (shared by cells that train the same models)
+    status        str    "ok" | "failed"
+    error         str    one-line error of a failed run, else null
+    family        str    llamagen | mar | d2c_cross_attn | d2c_qformer
+    config        dict   the run's axes: model, fusion, discrete_model, steps, diffusion_steps, cfg,
+                         temperature, num_images, data, seed (+ anything else the harness resolves)
+    metrics       dict   fid, is_mean, is_std, kid_mean, kid_std, precision, recall, class_accuracy
+                         (floats; absent when not computed, e.g. for a failed run)
+    speed         dict   d2c.metrics.speed_record: num_images, seconds_total, seconds_per_image,
+                         images_per_second, stage1_seconds, stage2_seconds, decode_seconds,
+                         ar_steps, mar_steps, diffusion_steps, peak_memory_bytes, peak_memory_kind
+    train_seconds dict   seconds spent training each stage inside this run (empty when reused)
+    hardware      dict   d2c.metrics.hardware_info (cpu_model, gpu_name, torch, triton, ...)
+    versions      dict   python, torch, torchvision, triton, torch_fidelity, d2c
+    git_commit    str    commit of the code that ran (null outside a git checkout); "+dirty" suffix if modified
+    seed          int    the sampling seed (also in config)
+    grid          str    path of the sample grid PNG, relative to results_dir (or null)
+    started_at    str    ISO-8601 UTC
+    finished_at   str    ISO-8601 UTC
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from d2c.checkpoint import atomic_write_text
+
+SCHEMA_VERSION = 1
+REQUIRED = ("schema", "cell_id", "status", "family", "config")
+STATUSES = ("ok", "failed")
+
+
+class RecordError(ValueError):
+    """A record file that is not a valid schema-1 record (the message names the file)."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def record_path(results_dir, cell_id: str) -> Path:
+    return Path(results_dir) / "records" / f"{cell_id}.json"
+
+
+def write_record(results_dir, record: dict) -> Path:
+    """Validate and write atomically; an existing record of the same cell is replaced whole."""
+    check_record(record, source="record to write")
+    path = record_path(results_dir, record["cell_id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, sort_keys=True, default=_json_default) + "\n")
+    return path
+
+
+def check_record(rec, source: str = "record") -> dict:
+    if not isinstance(rec, dict):
+        raise RecordError(f"{source}: not a JSON object")
+    missing = [k for k in REQUIRED if k not in rec]
+    if missing:
+        raise RecordError(f"{source}: missing key(s) {missing}")
+    if rec["schema"] != SCHEMA_VERSION:
+        raise RecordError(f"{source}: schema={rec['schema']!r}; this code reads schema {SCHEMA_VERSION}")
+    if rec["status"] not in STATUSES:
+        raise RecordError(f"{source}: status={rec['status']!r}; allowed: {', '.join(STATUSES)}")
+    for k in ("config", "metrics", "speed"):
+        if k in rec and rec[k] is not None and not isinstance(rec[k], dict):
+            raise RecordError(f"{source}: {k} must be an object")
+    return rec
+
+
+def read_record(path) -> dict:
+    path = Path(path)
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return check_record(rec, source=str(path))
+
+
+def read_records(results_dir, on_bad=None) -> list[dict]:
+    """Every valid record under `results_dir/records` (sorted by file name).  A malformed file is
+    passed to `on_bad(RecordError)` (default: ignored) and skipped, never raised."""
+    folder = Path(results_dir) / "records"
+    out = []
+    if not folder.is_dir():
+        return out
+    for p in sorted(folder.glob("*.json")):
+        try:
+            out.append(read_record(p))
+        except RecordError as e:
+            if on_bad is not None:
+                on_bad(e)
+    return out
+
+
+def is_finished(results_dir, cell_id: str) -> bool:
+    """A cell is finished when its record exists and says ok (failed cells are retried)."""
+    p = record_path(results_dir, cell_id)
+    if not p.is_file():
+        return False
+    try:
+        return read_record(p)["status"] == "ok"
+    except RecordError:
+        return False
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "triton", "torch-fidelity", "d2c"):
+        try:
+            out[name.replace("-", "_")] = version(name)
+        except PackageNotFoundError:
+            out[name.replace("-", "_")] = None
+    return out
+
+
+def git_commit(repo_dir=None) -> str | None:
+    repo_dir = repo_dir or Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
