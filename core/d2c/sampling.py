@@ -9,6 +9,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+# ============================================================================ compile switch
+def compiled(module, name: str):
+    """`module.name` under torch.compile(dynamic=True), cached on the module: dynamic shapes
+    cover the changing KV length (GPT) and kept-token counts (MAR) without recompiling."""
+    cache = module.__dict__.setdefault("_d2c_compiled", {})
+    if name not in cache:
+        cache[name] = torch.compile(getattr(module, name), dynamic=True)
+    return cache[name]
+
+
 # ============================================================================ GPT (stage 1)
 # LlamaGen-style decoding: class token prefill, then one code per step through the KV cache.
 GPT_CFG_SCHEDULES = ("constant", "linear")
@@ -41,13 +51,14 @@ def _gpt_pick(logits, temperature, top_k, top_p, generator):
 @torch.inference_mode()
 def gpt_generate(model, labels, *, cfg_scale: float = 1.0, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 cfg_schedule: str = "constant"):
+                 cfg_schedule: str = "constant", compile: bool = False):
     """Sample codes (B, block_size) in raster order for class `labels` (B,) with stage-1 GPT.
 
     CFG runs one [cond; uncond] batch (uncond = null class) and mixes u + s * (c - u); at
     cfg_scale == 1 the uncond half is skipped.  cfg_schedule "linear" ramps s from 1 towards
     cfg_scale with the fraction of codes generated after the step (as MAR's linear schedule).
     All randomness comes from `generator` (on the model's device).  Returns (codes, nfe).
+    compile=True runs the decode step under torch.compile (dynamic shapes: one compile).
     """
     from d2c.models.gpt import check_labels
 
@@ -69,15 +80,18 @@ def gpt_generate(model, labels, *, cfg_scale: float = 1.0, temperature: float = 
 
     was_training = model.training
     model.eval()
-    model.setup_cache(batch.shape[0], cfg.cls_token_num + n - 1)  # the last code is never fed back
+    # the last code is never fed back; compiled: one spare slot, so the cache slice of the last
+    # step is never the whole buffer (dynamo would specialise that case and recompile)
+    model.setup_cache(batch.shape[0], cfg.cls_token_num + n - 1 + int(compile))
     codes = torch.empty(b, n, dtype=torch.long, device=device)
+    decode = compiled(model, "decode") if compile else model.decode
     try:
         for t in range(n):
             if t == 0:
                 logits = model.prefill(batch)
             else:
                 prev = codes[:, t - 1:t]
-                logits = model.decode(torch.cat([prev, prev]) if guided else prev, t)
+                logits = decode(torch.cat([prev, prev]) if guided else prev, t)
             if guided:
                 cond, uncond = logits.chunk(2)
                 s = cfg_scale if cfg_schedule == "constant" else 1 + (cfg_scale - 1) * (t + 1) / n
@@ -93,7 +107,7 @@ def gpt_generate(model, labels, *, cfg_scale: float = 1.0, temperature: float = 
 @torch.inference_mode()
 def mar_sample(model, labels, *, steps: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                temperature: float = 1.0, codes=None, generator=None, diffusion_steps=None,
-               progress: bool = False):
+               progress: bool = False, compile: bool = False):
     """MAR's sampler (Li et al. 2024, sec. 3.4): `steps` rounds; each round runs the MAE
     encoder/decoder on the tokens known so far and samples, with the diffusion head, the tokens
     whose turn has come in a random order per sample.  The masked count after round k follows
@@ -106,6 +120,9 @@ def mar_sample(model, labels, *, steps: int = 64, cfg: float = 1.0, cfg_schedule
     randomness comes from `generator` (on the model's device), so a seed reproduces the output.
     Returns (latents (B, C, h, w), {"mar_steps", "diffusion_steps"}): diffusion_steps counts
     every reverse step run by the head (one batched head call per step).
+    compile=True: the encoder/decoder under torch.compile (dynamic shapes) and the diffusion
+    head's fused step compiled (CPU) or captured as a CUDA graph (GPU); same seed, same tokens
+    up to float reassociation.
     """
     if steps < 1:
         raise ValueError(f"steps={steps}; allowed: integers >= 1")
@@ -130,6 +147,8 @@ def mar_sample(model, labels, *, steps: int = 64, cfg: float = 1.0, cfg_schedule
     else:
         labels_in, drop, codes_in = labels, None, codes
 
+    condition = compiled(model, "condition") if compile else model.condition
+    head_impl = ("graph" if device.type == "cuda" else "compiled") if compile else None
     rounds = range(steps)
     if progress:
         from tqdm.auto import tqdm
@@ -139,7 +158,7 @@ def mar_sample(model, labels, *, steps: int = 64, cfg: float = 1.0, cfg_schedule
         if n_masked == 0:
             break
         tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
-        z = model.condition(tok_in, labels_in, mask_in, codes=codes_in, drop=drop)
+        z = condition(tok_in, labels_in, mask_in, codes=codes_in, drop=drop)
 
         # masked count after this round; every row has the same count (orders differ)
         n_next = math.floor(L * math.cos(math.pi / 2 * (step + 1) / steps))
@@ -155,7 +174,7 @@ def mar_sample(model, labels, *, steps: int = 64, cfg: float = 1.0, cfg_schedule
         if zc.shape[0]:
             zz = torch.cat([zc, z[b:][to_pred]]) if guided else zc
             x = model.diffloss.sample(zz, temperature, scale, generator=generator,
-                                      num_steps=n_diff, guided=guided)
+                                      num_steps=n_diff, guided=guided, impl=head_impl)
             tokens[to_pred] = x[:zc.shape[0]].to(tokens.dtype)
             reverse_steps += n_diff
         mask = mask_next
@@ -201,12 +220,13 @@ def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
                steps: int = 16, cfg: float = 1.0, cfg_schedule: str = "linear",
                temperature: float = 1.0, diffusion_steps: int | None = None,
                gpt_cfg: float | None = None, gpt_temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, progress: bool = False) -> SampleResult:
+               top_p: float = 1.0, progress: bool = False, compile: bool = False) -> SampleResult:
     """The two-stage pipeline, and its two baselines by leaving a stage out:
       D2C       gpt -> codes -> mar(codes) -> latents -> kl.decode
       MAR       mar -> latents -> kl.decode                      (gpt=None)
       LlamaGen  gpt -> codes -> vq.decode_codes                  (mar=None)
     One generator seeded with `seed` drives both stages, so a seed reproduces a run.
+    compile=True: torch.compile the per-step work of both stages (see mar_sample, gpt_generate).
     """
     if gpt is None and mar is None:
         raise ValueError("d2c_sample needs gpt (stage 1), mar (stage 2), or both")
@@ -223,14 +243,15 @@ def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
     if gpt is not None:
         with _Timer(device, timings, "stage1"):
             codes, n = gpt_generate(gpt, labels, cfg_scale=cfg if gpt_cfg is None else gpt_cfg,
-                                    temperature=gpt_temperature, top_k=top_k, top_p=top_p, generator=gen)
+                                    temperature=gpt_temperature, top_k=top_k, top_p=top_p, generator=gen,
+                                    compile=compile)
         nfe.update(n)
     if mar is not None:
         use_codes = codes if getattr(mar, "fusion", None) is not None else None
         with _Timer(device, timings, "stage2"):
             latents, n = mar_sample(mar, labels, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
                                     temperature=temperature, codes=use_codes, generator=gen,
-                                    diffusion_steps=diffusion_steps, progress=progress)
+                                    diffusion_steps=diffusion_steps, progress=progress, compile=compile)
         nfe.update(n)
     with _Timer(device, timings, "decode"):
         if mar is not None:

@@ -1,0 +1,106 @@
+"""pytest-benchmark fixtures: hardware in the JSON, a `--gpu` switch, and the closing-note bars.
+
+Every benchmark tags itself with `key(benchmark, "family/variant/size", images=...)`; at the end
+the medians of paired keys become ratios (and images/s), printed and stored in the benchmark
+JSON under "d2c_bars" (`pytest bench/ --benchmark-only --benchmark-json=out.json`).
+"""
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)))
+
+# (bar name, numerator key, denominator key): ratio = median(num) / median(den), > 1 = den faster
+RATIOS = [
+    ("head w1024 d6: eager / fused(torch)", "head/eager/w1024", "head/fused-torch/w1024"),
+    ("head w1024 d6: eager / compiled", "head/eager/w1024", "head/compiled/w1024"),
+    ("head w64 d2: eager / compiled", "head/eager/w64", "head/compiled/w64"),
+    ("attn L320 cpu: reference / sdpa", "attn/reference/none-320", "attn/sdpa/none-320"),
+    ("attn ragged L320 cpu: reference / sdpa", "attn/reference/ragged-320", "attn/sdpa/ragged-320"),
+    ("gpu head w1024 d6 r16: eager / fused(triton)", "gpu:head/eager/w1024", "gpu:head/fused-triton/w1024"),
+    ("gpu head w1024 d6 r16: eager / compiled", "gpu:head/eager/w1024", "gpu:head/compiled/w1024"),
+    ("gpu head w1024 d6 r128: eager / fused(triton)", "gpu:head/eager/w1024-r128", "gpu:head/fused-triton/w1024-r128"),
+    ("gpu attn unmasked L320: triton / sdpa", "gpu:attn/triton/none-320", "gpu:attn/sdpa/none-320"),
+    ("gpu attn ragged L320: triton / sdpa", "gpu:attn/triton/ragged-320", "gpu:attn/sdpa/ragged-320"),
+    ("gpu attn causal L257: triton / sdpa", "gpu:attn/triton/causal-320", "gpu:attn/sdpa/causal-320"),
+    ("gpu attn decode 1xL257: triton / sdpa", "gpu:attn/triton/decode-257", "gpu:attn/sdpa/decode-257"),
+    ("gpu attn cross 320x256: triton / sdpa", "gpu:attn/triton/cross-320x256", "gpu:attn/sdpa/cross-320x256"),
+    ("e2e tiny: MAR-64 / D2C-16 (time)", "e2e/mar-64/tiny", "e2e/d2c-16/tiny"),
+    ("e2e base: MAR-64 / D2C-16 (time)", "e2e/mar-64/base", "e2e/d2c-16/base"),
+    ("e2e tiny D2C-16: eager / compiled", "e2e/d2c-16/tiny", "e2e/d2c-16-compiled/tiny"),
+    ("mar iteration tiny: eager / compiled", "mar-iter/eager/tiny", "mar-iter/compiled/tiny"),
+]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true", default=False,
+                     help="run the GPU-sized benchmark cases (needs CUDA)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: GPU-sized benchmark case (run with --gpu on a CUDA machine)")
+
+
+def pytest_collection_modifyitems(config, items):
+    want = config.getoption("--gpu")
+    have = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not (want and have):
+            why = "needs --gpu" if not want else "needs CUDA (none found)"
+            item.add_marker(pytest.mark.skip(reason=f"GPU-sized case: {why}"))
+
+
+@pytest.fixture
+def device(request):
+    return torch.device("cuda" if request.config.getoption("--gpu") and torch.cuda.is_available() else "cpu")
+
+
+def key(benchmark, name: str, images: int | None = None, **info):
+    benchmark.extra_info["key"] = name
+    if images:
+        benchmark.extra_info["images"] = images
+    benchmark.extra_info.update(info)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    from d2c.metrics import hardware_info
+    machine_info["d2c_hardware"] = hardware_info()
+
+
+def _medians(benchmarks):
+    out = {}
+    for b in benchmarks:
+        k = b.extra_info.get("key") if hasattr(b, "extra_info") else None
+        if k and getattr(b, "stats", None) is not None:
+            st = b.stats.stats if hasattr(b.stats, "stats") else b.stats
+            out[k] = (st.median, b.extra_info.get("images"))
+    return out
+
+
+def _bars(benchmarks):
+    med = _medians(benchmarks)
+    bars = {"medians_s": {k: v[0] for k, v in med.items()},
+            "images_per_s": {k: v[1] / v[0] for k, v in med.items() if v[1]},
+            "ratios": {}}
+    for name, num, den in RATIOS:
+        if num in med and den in med:
+            bars["ratios"][name] = med[num][0] / med[den][0]
+    return bars
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["d2c_bars"] = _bars(benchmarks)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    bars = _bars(session.benchmarks)
+    tr = terminalreporter
+    tr.section("d2c bars (medians from this run)")
+    for k, v in sorted(bars["images_per_s"].items()):
+        tr.write_line(f"  {k:38s} {v:10.3f} images/s")
+    for k, v in bars["ratios"].items():
+        tr.write_line(f"  {k:38s} {v:10.2f}x")
