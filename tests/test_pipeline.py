@@ -70,3 +70,23 @@ def test_evaluate_records_metrics_and_speed(tmp_path):
     assert {"fid", "is_mean", "precision", "recall", "class_accuracy"} <= set(r["metrics"])
     assert r["speed"]["mar_steps"] == 2 and r["speed"]["seconds_per_image"] > 0
     assert r["speed"]["stage1_seconds"] > 0 and r["speed"]["stage2_seconds"] > 0
+
+
+def test_stage2_families_share_one_trunk(tmp_path):
+    """mar_trunk trains once; each family starts from its weights (fusion modules are new)."""
+    from d2c.checkpoint import load_state_dict_file
+    recipe = _tiny_recipe()
+    recipe.stages["mar_trunk"] = recipe.stages["mar"]
+    # lr 0 after the trunk: a family's weights must then equal the trunk's, key for key
+    recipe.stages["mar"] = dataclasses.replace(recipe.stages["mar"], lr=0.0, steps=1)
+    logs = []
+    pipe = Pipeline(recipe, root=tmp_path, device="cpu", log=logs.append)
+    pipe.models("mar")
+    pipe.models("d2c_cross_attn")
+    trained = [line.split()[1] for line in logs]
+    assert trained.count("mar_trunk") == 1 and {"mar", "d2c_cross_attn"} <= set(trained)
+    trunk = load_state_dict_file(sorted(pipe._dirs["mar_trunk"].glob("step_*"))[-1] / "model.safetensors")
+    fam = load_state_dict_file(sorted(pipe._dirs["d2c_cross_attn"].glob("step_*"))[-1] / "model.safetensors")
+    assert set(fam) - set(trunk) and all(k.startswith("fusion.") for k in set(fam) - set(trunk))
+    for k, v in trunk.items():
+        assert torch.equal(fam[k], v), k

@@ -43,6 +43,7 @@ class KLConfig:
     dropout: float = 0.0
     image_size: int = 256
     scale: float = 0.2325              # latent = posterior sample * scale (MAR)
+    init_logvar: float = 0.0           # initial posterior log-variance (bias of the logvar half of quant_conv)
 
     @property
     def stride(self) -> int:
@@ -192,7 +193,7 @@ PRESETS: dict[str, object] = {
                                               num_queries=8, depth=1)),
     # Embedded-default presets: the sizes the CPU recipe (d2c.pipeline) trains in minutes.
     "kl_small": KLConfig(embed_dim=4, z_channels=4, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
-                         image_size=32, scale=1.0),
+                         image_size=32, scale=1.0, init_logvar=-6.0),
     # entropy loss: without it 400 steps used 10 of 256 codes (1.5 nats); with 0.1 all 256 (5.5)
     "vq_small": VQConfig(codebook_size=256, codebook_embed_dim=8, z_channels=16, ch=16,
                          ch_mult=(1, 2, 4), num_res_blocks=1, image_size=32, entropy_loss_ratio=0.1),

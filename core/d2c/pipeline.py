@@ -9,6 +9,7 @@ interrupted one resumes from its last checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -57,6 +58,32 @@ def mar_config(recipe: Recipe, family: str) -> TrainConfig:
     return dataclasses.replace(base, overrides={**base.overrides, "fusion": fusion})
 
 
+@contextlib.contextmanager
+def _stage_lock(out: Path):
+    """Exclusive flock on `<out>.lock` (released by the kernel if the holder dies).  In a
+    multi-rank job the ranks train the stage together (DDP; a lock would deadlock them): barriers
+    instead, so that every rank sees the same DONE state (needs the process group set up first)."""
+    from d2c.train import dist_env
+    if dist_env()[1] > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()
+        try:
+            yield
+        finally:
+            if dist.is_initialized():
+                dist.barrier()
+        return
+    import fcntl
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{out}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Pipeline:
     """Lazily trains (or finds) what a family needs and returns the models in eval mode."""
 
@@ -75,15 +102,18 @@ class Pipeline:
             self._dataset = build_dataset(self.recipe.data)
         return self._dataset
 
-    def _ensure(self, name: str, cfg: TrainConfig, upstream: tuple, source_fn, extra=None) -> Path:
+    def _ensure(self, name: str, cfg: TrainConfig, upstream: tuple, source_fn, extra=None, init_from=None) -> Path:
         # the resolved model config is hashed too: editing a preset must not reuse old weights
         model_cfg = make_config(cfg.preset, **cfg.overrides)
         out = self.root / "ckpt" / f"{name}-{run_key(cfg, model_cfg, self.recipe.data, *upstream)}"
         if not is_done(out):
-            self.log(f"training {name} -> {out}")
-            t0 = time.perf_counter()
-            train(cfg, source_fn(), out, device=self.device, extra_batch=extra)
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+            with _stage_lock(out):   # concurrent processes (sweep cells) train a stage once
+                if not is_done(out):
+                    last = sorted(p.name for p in out.glob("step_*")) if out.exists() else []
+                    self.log(f"training {name} -> {out}" + (f" (resuming from {last[-1]})" if last else ""))
+                    t0 = time.perf_counter()
+                    train(cfg, source_fn(), out, device=self.device, extra_batch=extra, init_from=init_from)
+                    self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
         self._dirs[name] = out
         return out
 
@@ -116,10 +146,20 @@ class Pipeline:
         return load_trained(out, device=self.device)
 
     def mar(self, family: str):
+        """Stage 2 of a family.  With a `mar_trunk` stage in the recipe, every family starts from
+        one shared plain-MAR run of that many steps and trains `mar.steps` more (fusion modules
+        zero-init, so a D2C model starts as the trunk): all families see the same number of
+        steps, and the trunk is paid once instead of three times."""
         cfg = mar_config(self.recipe, family)
         scale = self.tokenizer("kl").cfg.scale
-        out = self._ensure(family, cfg, self._upstream(), lambda: TokenSource(self.cache()),
-                           extra={"latent_scale": scale})
+        upstream, init = self._upstream(), None
+        if "mar_trunk" in self.recipe.stages:
+            trunk = mar_config(Recipe(self.recipe.data, {"mar": self.recipe.stages["mar_trunk"]}), "mar")
+            init = self._ensure("mar_trunk", trunk, upstream, lambda: TokenSource(self.cache()),
+                                extra={"latent_scale": scale})
+            upstream = (*upstream, init.name)
+        out = self._ensure(family, cfg, upstream, lambda: TokenSource(self.cache()),
+                           extra={"latent_scale": scale}, init_from=init)
         return load_trained(out, device=self.device)
 
     def models(self, family: str) -> dict:

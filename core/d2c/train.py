@@ -32,6 +32,8 @@ from d2c.config import TrainConfig, make_config, validate
 from d2c.models.gpt import next_token_loss
 from d2c.tokenizers.kl import DiagonalGaussian
 
+CONV_STAGES = ("kl", "vq")   # the convolutional tokenizers
+
 # --------------------------------------------------------------------------- data sources
 
 
@@ -47,7 +49,7 @@ class ImageSource:
     def get(self, idx, flip):
         x = self.images[idx].float() / 127.5 - 1.0
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return {"images": x, "labels": self.labels[idx]}
+        return {"images": x.contiguous(memory_format=torch.channels_last), "labels": self.labels[idx]}
 
 
 class TokenSource:
@@ -139,7 +141,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class EMA:
-    """ema <- d * ema + (1 - d) * p after every step (MAR: d = 0.9999); buffers copied."""
+    """ema <- d * ema + (1 - d) * p after every step (MAR: d = 0.9999); buffers copied.
+
+    d is warmed up as min(decay, (1 + n) / (10 + n)) after n updates (the num_updates rule of
+    TF's ExponentialMovingAverage): a run of a few hundred steps otherwise keeps its random
+    init in the average (measured: KL-small EMA recon L1 0.31 vs 0.25 for the raw weights)."""
 
     def __init__(self, model, decay: float):
         self.decay = decay
@@ -147,10 +153,11 @@ class EMA:
                        for k, v in model.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, model):
+    def update(self, model, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
+                self.shadow[k].lerp_(v.float(), 1.0 - d)
             else:
                 self.shadow[k].copy_(v)
 
@@ -239,8 +246,12 @@ def _overrides_from_json(model_cfg: dict, preset: str) -> dict:
 # --------------------------------------------------------------------------- the loop
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device: torch.device, precision: str, stage: str = ""):
     if precision == "fp32":
+        return contextlib.nullcontext()
+    # CPU convs run 1.7x slower under bf16 autocast than fp32 (measured, KL-small, 2 cores),
+    # while the transformers run 1.6-1.9x faster: auto keeps the conv tokenizers in fp32 there
+    if precision == "auto" and device.type == "cpu" and stage in CONV_STAGES:
         return contextlib.nullcontext()
     if precision == "auto" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return contextlib.nullcontext()
@@ -251,11 +262,13 @@ def is_done(out) -> bool:
     return (Path(out) / "DONE").is_file()
 
 
-def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None = None):
+def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None = None, init_from=None):
     """Train one stage into folder `out`, resuming from its last checkpoint; returns `out`.
 
     source: ImageSource (kl, vq) or TokenSource (gpt, mar); extra_batch: constants added to
-    every batch (e.g. {"latent_scale": s} for mar).
+    every batch (e.g. {"latent_scale": s} for mar); init_from: a finished run of the same
+    stage whose weights start this one (a fresh run only; modules it lacks, e.g. a fusion
+    added to a MAR trunk, keep their init; any other key or shape difference is an error).
     """
     validate(cfg)
     out = Path(out)
@@ -273,6 +286,8 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
 
     torch.manual_seed(cfg.seed)              # same init on every rank
     model = d2c.model_class(cfg.stage)(model_cfg).to(device)
+    if cfg.stage in CONV_STAGES:
+        model = model.to(memory_format=torch.channels_last)   # ~1.2x faster convs on CPU (measured)
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                             fused=device.type == "cuda")
@@ -285,6 +300,13 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
         state = torch.load(last / "state.pt", map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
+    elif init_from is not None:
+        sd = load_state_dict_file(_ckpt_dirs(Path(init_from))[-1] / "model.safetensors")
+        missing = [k for k in model.state_dict() if k not in sd]
+        if any(not k.startswith("fusion.") for k in missing) or set(sd) - set(model.state_dict()):
+            load_into(model, sd, source=str(init_from))     # raises, naming the keys
+        load_into(model, sd, strict=False, source=str(init_from))
+        ema = EMA(model, cfg.ema_decay)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(_config_json(cfg, model_cfg), indent=1))
@@ -314,7 +336,7 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
         torch.manual_seed(step_seed(cfg.seed, rank, step))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        with _autocast(device, cfg.precision):
+        with _autocast(device, cfg.precision, cfg.stage):
             loss, scalars = stage_loss(cfg.stage, ddp, batch, cfg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step} of {out}; last good checkpoint kept")
@@ -322,7 +344,7 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         opt.step()
-        ema.update(model)
+        ema.update(model, step)
         done = step + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             lv = loss.item()

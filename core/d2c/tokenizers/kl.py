@@ -137,6 +137,11 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        if cfg.init_logvar:
+            # Start near-deterministic: with logvar 0 the posterior noise (std 1) swamps the small
+            # initial means and the decoder first learns the mean image (measured: grey recons).
+            with torch.no_grad():
+                self.quant_conv.bias[cfg.embed_dim:].fill_(cfg.init_logvar)
 
     @property
     def stride(self) -> int:
