@@ -2,7 +2,7 @@
 of LlamaGen, MAR and D2C at 16/32/64 MAR steps (tiny presets), plus MAR-64 vs D2C-16 at
 MAR-B/GPT-B sizes (batch 1, random weights: speed only).
 
-Base sizes on CPU use D2C_BENCH_BASE_DIFF_STEPS diffusion steps (default 25, not the paper's
+Base sizes on CPU use D2C_BENCH_BASE_DIFF_STEPS diffusion steps (default 10, not the paper's
 100) to keep the CPU suite under 10 minutes; the head's cost is the same for MAR and D2C (every
 token is denoised once), so fewer diffusion steps *raise* the D2C/MAR speed ratio: the JSON
 records the count.  `--gpu` runs the base sizes on CUDA with 100 steps."""
@@ -16,7 +16,7 @@ import d2c
 from conftest import key
 from d2c.sampling import d2c_sample
 
-BASE_DIFF = int(os.environ.get("D2C_BENCH_BASE_DIFF_STEPS", "25"))
+BASE_DIFF = int(os.environ.get("D2C_BENCH_BASE_DIFF_STEPS", "10"))
 CFG = 2.0
 
 

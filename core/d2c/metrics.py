@@ -67,7 +67,8 @@ class FeatureNetConfig:
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
-    version: int = 1                   # bump when the training code changes
+    blur_sigma: float = 1.2            # augmentation: Gaussian blur, sigma ~ U(0, blur_sigma), half the batch
+    version: int = 2                   # bump when the training code changes
 
     def key(self) -> str:
         blob = json.dumps({**dataclasses.asdict(self), "data": _shapes_fingerprint(self.data_seed)}, sort_keys=True)
@@ -148,7 +149,8 @@ def _train_feature_net(cfg: FeatureNetConfig, progress: bool = True) -> FeatureN
             idx = order[pos:pos + cfg.batch_size]
             pos += cfg.batch_size
             # channels_last: ~1.5x faster convs on CPU (measured)
-            _, logits = net(x[idx].contiguous(memory_format=torch.channels_last))
+            xb = _blur_half(x[idx], cfg.blur_sigma, gen) if cfg.blur_sigma > 0 else x[idx]
+            _, logits = net(xb.contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -156,6 +158,26 @@ def _train_feature_net(cfg: FeatureNetConfig, progress: bool = True) -> FeatureN
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return net.to(memory_format=torch.contiguous_format).eval()
+
+
+def _blur_half(x_uint8, max_sigma: float, gen) -> torch.Tensor:
+    """Blur a random half of the batch (sigma ~ U(0, max_sigma) px).  The net judges class by
+    layout: a stride-4 tokenizer's reconstructions are that much softer than the data, and a
+    net that keys on pixel-sharp texture called 26-48% of recognisable reconstructions wrong
+    (measured on KL-/VQ-small after 600 steps)."""
+    x = x_uint8.float()
+    n = len(x)
+    sig = torch.rand(n, generator=gen) * max_sigma
+    sig[torch.rand(n, generator=gen) < 0.5] = 0.0
+    r = torch.arange(-3, 4, dtype=torch.float32)
+    k = torch.exp(-r[None] ** 2 / (2 * sig.clamp_min(1e-3)[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)                                   # (n, 7) separable kernel
+    c, h, w = x.shape[1:]
+    xp = torch.nn.functional.pad(x.reshape(1, n * c, h, w), (3, 3, 3, 3), mode="replicate")
+    kk = k.repeat_interleave(c, 0)
+    xp = torch.nn.functional.conv2d(xp, kk[:, None, None, :], groups=n * c)     # along width
+    xp = torch.nn.functional.conv2d(xp, kk[:, None, :, None], groups=n * c)     # along height
+    return xp.reshape(n, c, h, w).round().clamp(0, 255).to(torch.uint8)
 
 
 def feature_net_path(cfg: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR) -> Path:

@@ -27,14 +27,20 @@ FAMILIES = ("llamagen", "mar", "d2c_cross_attn", "d2c_qformer")
 
 
 def _default_stages() -> dict:
-    """The embedded default: sized so the whole chain trains on a 2-core CPU in minutes."""
+    """The embedded default: sized so the whole chain trains on a 2-core CPU in minutes.
+
+    Tokenizers: LDM's autoencoder betas (0.5, 0.9) and lr 1e-3 (2e-3 and 5e-3 learned slower).
+    Stage 2: one plain-MAR trunk, then `mar.steps` more for each family (Pipeline.mar)."""
     common = dict(warmup_steps=50, ema_decay=0.995, precision="auto", ckpt_every=200, log_every=20)
+    tok = dict(steps=600, batch_size=32, lr=1e-3, betas=(0.5, 0.9), **common)
     return {
-        "kl": TrainConfig(stage="kl", preset="kl_small", steps=400, batch_size=32, lr=2e-3, **common),
-        "vq": TrainConfig(stage="vq", preset="vq_small", steps=400, batch_size=32, lr=2e-3, **common),
-        "gpt": TrainConfig(stage="gpt", preset="gpt_small", steps=400, batch_size=64, lr=2e-3,
+        "kl": TrainConfig(stage="kl", preset="kl_small", **tok),
+        "vq": TrainConfig(stage="vq", preset="vq_small", **tok),
+        "gpt": TrainConfig(stage="gpt", preset="gpt_small", steps=300, batch_size=64, lr=2e-3,
                            weight_decay=0.05, grad_clip=1.0, **common),
-        "mar": TrainConfig(stage="mar", preset="mar_small", steps=400, batch_size=64, lr=2e-3, **common),
+        "mar_trunk": TrainConfig(stage="mar", preset="mar_small", steps=300, batch_size=64, lr=2e-3, **common),
+        "mar": TrainConfig(stage="mar", preset="mar_small", steps=100, batch_size=64, lr=1e-3,
+                           **{**common, "warmup_steps": 10}),
     }
 
 
