@@ -1,0 +1,510 @@
+"""The ablation harness behind `ablations/run.py`: typed run config, sweep expansion and
+validation, one cell = ensure checkpoints -> sample -> metrics -> one result record.
+
+    cell_id   = hash of the resolved run config (every axis that changes a result)
+    train_key = hash of the training-relevant part only (recipe stages the family needs + data),
+                so sweeping steps / cfg / temperature / diffusion_steps never retrains.
+
+Records: `d2c.results` (schema v1, one atomic JSON file per cell under <results_dir>/records).
+Checkpoints: <results_dir>/ckpt (d2c.pipeline.Pipeline root; stages locked across processes).
+Sample grids: <results_dir>/grids/<cell_id>.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from d2c.config import PRESETS, TrainConfig, preset_kind
+from d2c.data.imagefolder import DataConfig, DataError, validate_data_config
+
+REPO = Path(__file__).resolve().parents[1]
+ABLATIONS = Path(__file__).resolve().parent
+
+MODELS = ("d2c", "mar", "llamagen")
+FUSIONS = ("none", "cross_attn", "qformer")
+RECIPES = ("small", "tiny")
+FAULTS = ("raise", "exit")   # test hooks: a cell that raises, a job process that dies
+GPT_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "gpt")
+DATA_OPTIONS = ("shapes", "shapes_tiny", "imagefolder")
+
+DEFAULT_AXES = ("model", "fusion", "steps")   # axes DEFAULT_SWEEP sets; giving one replaces it
+# The embedded-default comparison: what `python ablations/run.py` (no axis given) runs.
+DEFAULT_SWEEP = (
+    ("model=llamagen",),
+    ("model=mar", "steps=8,32"),
+    ("model=d2c", "fusion=cross_attn,qformer", "steps=8,32"),
+)
+
+
+@dataclass
+class RunConfig:
+    """One cell of a sweep.  Axes first, then where and how it runs."""
+    model: str = "d2c"                       # d2c | mar | llamagen
+    fusion: Optional[str] = None             # none | cross_attn | qformer (None: qformer for d2c, else none)
+    discrete_model: Optional[str] = None     # stage-1 size preset (gpt_*); None: the recipe's
+    steps: int = 16                          # MAR iterations
+    diffusion_steps: Optional[int] = None    # respaced DDPM steps of the head; None: the preset's
+    cfg: float = 1.0                         # classifier-free guidance scale
+    temperature: float = 1.0
+    num_images: int = 500                    # images sampled and measured per cell
+    seed: int = 0                            # sampling seed
+    data: DataConfig = MISSING               # group: shapes | shapes_tiny | imagefolder
+    recipe: str = "small"                    # training recipe: small (embedded default) | tiny (tests)
+    train_steps: Optional[int] = None        # replaces every stage's optimizer steps (training-relevant)
+    batch_size: int = 100                    # sampling batch
+    results_dir: str = "results"             # records/, grids/, ckpt/, cache/
+    device: Optional[str] = None             # None: cuda if available, else cpu
+    threads: Optional[int] = None            # torch threads (None: torch's default)
+    fault: Optional[str] = None              # test hook: raise | exit
+
+
+AXES = ("model", "fusion", "discrete_model", "steps", "diffusion_steps", "cfg", "temperature",
+        "num_images", "data", "seed")
+KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
+NOT_IN_CELL_ID = ("results_dir", "device", "threads")   # where it runs, not what it computes
+
+
+def allowed(key: str) -> str:
+    """The allowed values of a key, as the one-line error prints them."""
+    if key.startswith("data."):
+        f = key.split(".", 1)[1]
+        return {"name": ", ".join(DataConfig.NAMES), "root": "a folder path",
+                "image_size": "integers >= 1 or null", "num_images": "integers >= 1",
+                "seed": "integers", "on_bad": "skip, error"}.get(
+            f, "fields " + ", ".join(x.name for x in dataclasses.fields(DataConfig)))
+    return {
+        "model": ", ".join(MODELS), "fusion": ", ".join(FUSIONS),
+        "discrete_model": ", ".join(GPT_PRESETS) + " (or null: the recipe's)",
+        "steps": "integers >= 1", "diffusion_steps": "integers >= 1 or null",
+        "cfg": "numbers >= 0", "temperature": "numbers > 0", "num_images": "integers >= 1",
+        "seed": "integers >= 0", "data": ", ".join(DATA_OPTIONS), "recipe": ", ".join(RECIPES),
+        "train_steps": "integers >= 1 or null", "batch_size": "integers >= 1",
+        "results_dir": "a folder path", "device": "cpu, cuda, cuda:N or null",
+        "threads": "integers >= 1 or null", "fault": ", ".join(FAULTS) + " or null",
+    }.get(key, "keys " + ", ".join(KEYS) + ", data.<field>, hydra/launcher=..., hydra.launcher.<field>")
+
+
+class ConfigError(ValueError):
+    """One line: `<key>=<value>: allowed: ...`."""
+
+    def __init__(self, key, value, why: str | None = None, message: str | None = None):
+        self.key, self.value = key, value
+        super().__init__(message or f"{key}={value}: {why + '; ' if why else ''}allowed: {allowed(key)}")
+
+
+def register_configs() -> None:
+    """The run schema and data group; then our sweeper / launcher nodes, after Hydra's plugin scan
+    so that they replace the stock submitit_slurm / submitit_local nodes."""
+    from hydra.core.plugins import Plugins
+    Plugins.instance()
+    import hydra_plugins.d2c_ablations as plugins
+    plugins.register()
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="data", name="shapes", node=DataConfig())
+    cs.store(group="data", name="shapes_tiny", node=DataConfig(num_images=64, seed=5))
+    cs.store(group="data", name="imagefolder", node=DataConfig(name="imagefolder"))
+
+
+# --------------------------------------------------------------------------- resolve + keys
+
+
+def _stable_hash(obj) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def resolve(cfg) -> dict:
+    """Check a composed config (DictConfig or dict) and return the resolved run config: fusion
+    defaulted per model, axes that do not apply to a model set to null.  Raises ConfigError."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+        c = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        c = dict(cfg)
+    c.pop("hydra", None)
+    unknown = sorted(set(c) - set(KEYS))
+    if unknown:
+        raise ConfigError(unknown[0], c[unknown[0]], "unknown key")
+    c = {**{f.name: f.default for f in dataclasses.fields(RunConfig) if f.name != "data"}, **c}
+    if c["model"] not in MODELS:
+        raise ConfigError("model", c["model"])
+    if c["recipe"] not in RECIPES:
+        raise ConfigError("recipe", c["recipe"])
+    if c["fusion"] is not None and c["fusion"] not in FUSIONS:
+        raise ConfigError("fusion", c["fusion"])
+    model = c["model"]
+    if model == "d2c":
+        c["fusion"] = c["fusion"] or "qformer"
+        if c["fusion"] == "none":
+            raise ConfigError("fusion", "none", "model=d2c needs discrete conditioning (fusion=none is model=mar)")
+    elif c["fusion"] not in (None, "none"):
+        raise ConfigError("fusion", c["fusion"], f"model={model} has no fusion; use model=d2c or fusion=none")
+    else:
+        c["fusion"] = "none"
+    if c["discrete_model"] is not None and c["discrete_model"] not in GPT_PRESETS:
+        raise ConfigError("discrete_model", c["discrete_model"])
+    for k in ("steps", "num_images", "batch_size"):
+        if not _is_int(c[k]) or c[k] < 1:
+            raise ConfigError(k, c[k])
+    for k in ("diffusion_steps", "train_steps", "threads"):
+        if c[k] is not None and (not _is_int(c[k]) or c[k] < 1):
+            raise ConfigError(k, c[k])
+    if not _is_int(c["seed"]) or c["seed"] < 0:
+        raise ConfigError("seed", c["seed"])
+    if not isinstance(c["cfg"], (int, float)) or isinstance(c["cfg"], bool) or not c["cfg"] >= 0:
+        raise ConfigError("cfg", c["cfg"])
+    if not isinstance(c["temperature"], (int, float)) or isinstance(c["temperature"], bool) or not c["temperature"] > 0:
+        raise ConfigError("temperature", c["temperature"])
+    if c["fault"] is not None and c["fault"] not in FAULTS:
+        raise ConfigError("fault", c["fault"])
+    if c["device"] is not None and not (c["device"] == "cpu" or str(c["device"]).startswith("cuda")):
+        raise ConfigError("device", c["device"])
+    data = c.get("data")
+    if not isinstance(data, dict):
+        raise ConfigError("data", data)
+    try:
+        validate_data_config(DataConfig(**data))
+    except DataError as e:
+        key = str(e).split("=", 1)[0].split()[0]
+        raise ConfigError(key, None, message=str(e)) from None
+    c["cfg"], c["temperature"] = float(c["cfg"]), float(c["temperature"])
+    # axes that do not apply to a model: null, so such cells are one cell
+    if model == "llamagen":
+        c["steps"] = c["diffusion_steps"] = None
+    if model == "mar":
+        c["discrete_model"] = None
+    elif c["discrete_model"] is None:
+        c["discrete_model"] = recipe_stages(c["recipe"])["gpt"].preset
+    c["results_dir"] = str(Path(c["results_dir"]).expanduser().resolve())
+    return c
+
+
+def family_of(c: dict) -> str:
+    return {"llamagen": "llamagen", "mar": "mar"}.get(c["model"]) or f"d2c_{c['fusion']}"
+
+
+def _tiny_stages() -> dict:
+    common = dict(batch_size=16, steps=3, lr=1e-3, warmup_steps=1, ema_decay=0.5, progress=False,
+                  tensorboard=False, precision="fp32", scale_batches=2, ckpt_every=5, log_every=5)
+    return {"kl": TrainConfig(stage="kl", preset="kl_tiny", **common),
+            "vq": TrainConfig(stage="vq", preset="vq_tiny", **common),
+            "gpt": TrainConfig(stage="gpt", preset="gpt_tiny", **common),
+            "mar": TrainConfig(stage="mar", preset="mar_tiny", **common)}
+
+
+def recipe_stages(name: str) -> dict:
+    from d2c.pipeline import _default_stages
+    return _default_stages() if name == "small" else _tiny_stages()
+
+
+def build_recipe(c: dict):
+    """The d2c.pipeline.Recipe of a resolved config (discrete_model and train_steps applied)."""
+    from d2c.pipeline import Recipe
+    stages = recipe_stages(c["recipe"])
+    if c["train_steps"] is not None:
+        stages = {k: dataclasses.replace(v, steps=c["train_steps"],
+                                         warmup_steps=min(v.warmup_steps, c["train_steps"]))
+                  for k, v in stages.items()}
+    gpt = stages["gpt"]
+    if c["discrete_model"] and c["discrete_model"] != gpt.preset:
+        # a size preset: width/depth from it, vocabulary / grid / classes from the recipe's
+        base = PRESETS[gpt.preset]
+        fit = {k: getattr(base, k) for k in ("vocab_size", "block_size", "num_classes")}
+        stages["gpt"] = dataclasses.replace(gpt, preset=c["discrete_model"], overrides={**gpt.overrides, **fit})
+    return Recipe(data=DataConfig(**c["data"]), stages=stages)
+
+
+def keys(c: dict) -> tuple[str, str]:
+    """(cell_id, train_key) of a resolved config."""
+    from d2c.pipeline import mar_config
+    cell = {k: v for k, v in c.items() if k not in NOT_IN_CELL_ID}
+    recipe = build_recipe(c)
+    fam = family_of(c)
+    # every recipe stage the family depends on (gpt: llamagen and d2c; mar*: mar and d2c, incl.
+    # an optional shared `mar_trunk`); the family's stage 2 with its fusion kind
+    train = {s: dataclasses.asdict(cfg) for s, cfg in recipe.stages.items()
+             if not (s == "gpt" and fam == "mar") and not (s.startswith("mar") and fam == "llamagen")}
+    if fam != "llamagen":
+        train["stage2"] = dataclasses.asdict(mar_config(recipe, fam))
+    train["data"] = dataclasses.asdict(recipe.data)
+    return _stable_hash(cell), _stable_hash(train)
+
+
+def describe(c: dict) -> str:
+    parts = [f"model={c['model']}"]
+    if c["model"] == "d2c":
+        parts.append(f"fusion={c['fusion']}")
+    if c["steps"] is not None:
+        parts.append(f"steps={c['steps']}")
+    for k, d in (("diffusion_steps", None), ("cfg", 1.0), ("temperature", 1.0), ("seed", 0)):
+        if c[k] != d:
+            parts.append(f"{k}={c[k]}")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- overrides -> cells
+
+SWEEP_KEYS = set(KEYS) | {"data"}
+
+
+def _override_error(raw: str, e: Exception) -> ConfigError:
+    key, _, value = raw.partition("=")
+    return ConfigError(key.lstrip("+~") or raw, value, "not a valid override")
+
+
+def parse(args: list[str]):
+    """Hydra override objects of the command line; syntax errors -> ConfigError."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parser = OverridesParser.create()
+    out = []
+    for a in args:
+        try:
+            out.extend(parser.parse_overrides([a]))
+        except Exception as e:  # hydra's OverrideParseException and friends
+            raise _override_error(a, e) from None
+    return out
+
+
+def check_keys(overrides) -> None:
+    """Only known keys (no '+' appends, no deletes) before Hydra sees anything."""
+    for o in overrides:
+        key = o.get_key_element()
+        raw = o.input_line
+        value = raw.partition("=")[2]
+        if key.startswith("hydra"):
+            continue
+        base = key.split(".", 1)[0]
+        if o.is_add() or o.is_force_add() or o.is_delete():
+            raise ConfigError(key.lstrip("+~"), value, "appending or deleting keys is not supported")
+        if base not in SWEEP_KEYS or ("." in key and base != "data"):
+            raise ConfigError(key, value, "unknown key")
+        if base == "data" and "." in key:
+            f = key.split(".", 1)[1]
+            if f not in {x.name for x in dataclasses.fields(DataConfig)}:
+                raise ConfigError(key, value, "unknown key")
+        if key == "data":
+            vals = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            for v in vals:
+                if v not in DATA_OPTIONS:
+                    raise ConfigError("data", v)
+        if o.is_sweep_override() and not o.is_discrete_sweep():
+            raise ConfigError(key, value, "only comma lists, range() and choice() sweeps")
+
+
+def task_args(args: list[str]) -> list[str]:
+    """The non-hydra overrides (what Hydra calls the task overrides)."""
+    return [o.input_line for o in parse(args) if not o.get_key_element().startswith("hydra")]
+
+
+def expand(args: list[str]) -> list[list[str]]:
+    """Override lists of every cell: the cross product of the sweep overrides, or, when no axis is
+    given, the embedded-default comparison (DEFAULT_SWEEP) under the other overrides.
+    (`run.py cfg=2 num_images=200` is the default comparison at cfg 2 with 200 images.)"""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    overrides = parse(task_args(args))
+    check_keys(overrides)
+    given = {o.get_key_element().split(".", 1)[0] for o in overrides}
+    groups = [()] if given & set(DEFAULT_AXES) else DEFAULT_SWEEP
+    cells = []
+    for g in groups:
+        ovs = parse(list(g)) + overrides
+        cells.extend(BasicSweeper.split_arguments(ovs, None)[0])
+    return cells
+
+
+def compose_cell(overrides: list[str], loader=None, master=None):
+    """Compose one cell's config (Hydra's own rules) and resolve it; errors -> ConfigError."""
+    try:
+        if loader is not None:
+            cfg = loader.load_sweep_config(master, list(overrides))
+        else:
+            from hydra import compose
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise hydra_error(e, overrides) from None
+    return resolve(cfg)
+
+
+def hydra_error(e: Exception, overrides) -> ConfigError:
+    """Turn Hydra / OmegaConf's multi-line errors into the one line."""
+    import re
+    msg = f"{e}\n{e.__cause__ or ''}"
+    m = re.search(r"full_key: ([\w.]+)", msg) or re.search(r"override '([^']+)'", msg) \
+        or re.search(r"Could not find '([\w/]+)/", msg) or re.search(r"Key '([\w.]+)'", msg)
+    key = m.group(1) if m else None
+    if key is None:
+        return ConfigError("config", "?", msg.strip().splitlines()[0])
+    if not key.startswith("hydra"):
+        key = key.replace("/", ".")
+    value = next((o.partition("=")[2] for o in overrides if o.partition("=")[0].lstrip("+~") in (key, key.replace(".", "/"))), "?")
+    if key.startswith("hydra"):
+        opts = re.findall(r"^\t(\S+)$", msg, re.M)
+        if opts:
+            return ConfigError(key, value, message=f"{key}={value}: allowed: {', '.join(opts)}")
+        return ConfigError(key, value, message=f"{key}={value}: not a field of the selected launcher "
+                                               "(SLURM fields need hydra/launcher=submitit_slurm or a slurm/conf preset); "
+                                               f"hydra says: {msg.strip().splitlines()[0]}")
+    return ConfigError(key, value)
+
+
+def plan(args: list[str], loader=None, master=None) -> list[dict]:
+    """Every cell of a command line, composed, resolved and keyed; duplicates merged.
+    Raises ConfigError on the first bad cell (before anything runs)."""
+    out, seen = [], set()
+    for ovs in expand(args):
+        c = compose_cell(ovs, loader, master)
+        cell_id, train_key = keys(c)
+        if cell_id in seen:
+            continue
+        seen.add(cell_id)
+        out.append({"overrides": list(ovs), "config": c, "cell_id": cell_id, "train_key": train_key})
+    return out
+
+
+# --------------------------------------------------------------------------- one cell
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0] if s else ''}"[:500]
+
+
+def base_record(c: dict, cell_id: str, train_key: str) -> dict:
+    from d2c.results import SCHEMA_VERSION, git_commit, versions
+    from d2c.metrics import hardware_info
+    return {"schema": SCHEMA_VERSION, "cell_id": cell_id, "train_key": train_key, "status": "failed",
+            "error": None, "family": family_of(c), "config": c, "metrics": {}, "speed": {},
+            "train_seconds": {}, "hardware": hardware_info(), "versions": versions(),
+            "git_commit": git_commit(REPO), "seed": c["seed"], "grid": None}
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world): exports submitit's torch.distributed variables inside a multi-task job."""
+    try:
+        import submitit
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    except Exception:
+        pass
+    from d2c.train import dist_env
+    rank, world, _ = dist_env()
+    return rank, world
+
+
+def run_cell(c: dict, cell_id: str, train_key: str, log=print) -> dict:
+    """ensure checkpoints -> sample -> metrics -> record; a failure becomes a failed record.
+    Returns the record (rank 0) or {} (other ranks of a multi-task job)."""
+    from d2c.results import is_finished, now_iso, read_record, record_path, write_record
+    results = Path(c["results_dir"])
+    if is_finished(results, cell_id):
+        return read_record(record_path(results, cell_id))
+    rank, world = _distributed()
+    rec = base_record(c, cell_id, train_key)
+    rec["started_at"] = now_iso()
+    t0 = time.perf_counter()
+    try:
+        import torch
+        from d2c.pipeline import Pipeline, evaluate
+        from d2c.sampling import save_grid
+        if c["threads"]:
+            torch.set_num_threads(c["threads"])
+        if c["fault"] == "exit":
+            os._exit(17)        # a job that dies without a record (tests the launcher's reporting)
+        if c["fault"] == "raise":
+            raise RuntimeError("fault injected by fault=raise")
+        pipe = Pipeline(build_recipe(c), root=results, device=c["device"], log=log)
+        if world > 1:   # every rank in the process group before the first stage (see pipeline._stage_lock)
+            from d2c.train import init_distributed
+            import torch.distributed as dist
+            init_distributed(pipe.device)
+            dist.barrier()
+        fam = family_of(c)
+        pipe.models(fam)                      # trains / resumes / reuses (all ranks under DDP)
+        if rank != 0:
+            return {}
+        r = evaluate(pipe, fam, steps=c["steps"] or 1, num_images=c["num_images"], batch_size=c["batch_size"],
+                     cfg=c["cfg"], temperature=c["temperature"], diffusion_steps=c["diffusion_steps"],
+                     seed=c["seed"], progress=False)
+        imgs = r["images"]
+        grid = results / "grids" / f"{cell_id}.png"
+        save_grid(imgs[:: max(1, len(imgs) // 100)][:100], grid, nrow=10)
+        rec.update(status="ok", metrics={k: float(v) for k, v in r["metrics"].items()}, speed=r["speed"],
+                   grid=str(grid.relative_to(results)))
+        rec["train_seconds"] = dict(pipe.timings)
+    except Exception as e:  # noqa: BLE001 - every failure becomes the cell's record
+        if rank != 0:
+            raise
+        rec.update(status="failed", error=_one_line(e))
+        log(f"cell {cell_id} failed:\n{traceback.format_exc()}")
+    rec["finished_at"] = now_iso()
+    rec["seconds"] = time.perf_counter() - t0
+    write_record(results, rec)
+    return rec
+
+
+def failed_record(cell: dict, error: str) -> dict:
+    """Written by the sweep for a cell whose job died without writing one."""
+    from d2c.results import now_iso
+    rec = base_record(cell["config"], cell["cell_id"], cell["train_key"])
+    rec.update(error=error[:500], started_at=None, finished_at=now_iso())
+    return rec
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+def summary_table(records: list[dict]):
+    import pandas as pd
+    rows = []
+    for r in records:
+        c, m, s = r.get("config", {}), r.get("metrics") or {}, r.get("speed") or {}
+        rows.append({"cell": r["cell_id"][:8], "family": r["family"], "steps": c.get("steps"),
+                     "cfg": c.get("cfg"), "temp": c.get("temperature"), "status": r["status"],
+                     "fid": m.get("fid"), "is": m.get("is_mean"), "acc": m.get("class_accuracy"),
+                     "img/s": s.get("images_per_second"), "error": r.get("error") or ""})
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df["steps"] = df["steps"].astype("Int64")
+    return df
+
+
+def print_summary(cells: list[dict], results_dir, out=sys.stdout) -> int:
+    """Table of this sweep's cells from the store; returns the number of failed/missing cells."""
+    from d2c.results import read_record, record_path, RecordError
+    import pandas as pd
+    recs, bad = [], 0
+    for cell in cells:
+        try:
+            rec = read_record(record_path(cell["config"]["results_dir"], cell["cell_id"]))
+        except RecordError:
+            rec = {**failed_record(cell, "no record (job lost)")}
+        bad += rec["status"] != "ok"
+        recs.append(rec)
+    df = summary_table(recs)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 70,
+                           "display.float_format", "{:.3f}".format):
+        print(df.to_string(index=False), file=out)
+    ok = len(recs) - bad
+    results_dir = Path(results_dir)
+    print(f"{ok} ok, {bad} failed of {len(recs)} cells; records: {results_dir / 'records'}  "
+          f"grids: {results_dir / 'grids'}  (schema: core/d2c/results.py)", file=out, flush=True)
+    return bad

@@ -1,0 +1,201 @@
+"""Hydra plugins of the ablation harness (found by Hydra's scan of the `hydra_plugins` namespace
+when `ablations/` is on sys.path, which `ablations/run.py` arranges, also for its jobs):
+
+  hydra/sweeper=d2c          expands the cells (cross product, or the default comparison), skips
+                             finished ones, launches the rest in ONE launcher call, reports failed
+                             jobs as failed records, prints the summary table.
+  hydra/launcher=submitit_slurm / submitit_local
+                             the stock hydra-submitit-launcher configs with a launcher that waits
+                             for every job, prints state changes, and turns a job that died (killed,
+                             cancelled, node failure) into a failed result instead of raising.
+  search path                slurm/conf (launcher presets such as hydra/launcher=local_cluster).
+"""
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Sequence
+
+import hydra_plugins.hydra_submitit_launcher.config as _stock
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+from hydra.plugins.sweeper import Sweeper
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+
+REPO = Path(__file__).resolve().parents[3]
+SACCT_SHIM = REPO / "slurm" / "bin"
+
+
+class D2CSearchPath(SearchPathPlugin):
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        search_path.append("d2c-slurm", f"file://{REPO / 'slurm' / 'conf'}")
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _sacct_works() -> bool:
+    try:
+        r = subprocess.run(["sacct", "--parsable2", "-n", "-j", "1"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0
+
+
+def ensure_sacct() -> None:
+    """Without accounting `sacct` fails and submitit would wait forever for a job that died without
+    a result; put our shim (answers from `scontrol show job`) first on PATH then."""
+    if shutil.which("sbatch") and not _sacct_works() and str(SACCT_SHIM) not in os.environ["PATH"].split(":"):
+        os.environ["PATH"] = f"{SACCT_SHIM}:{os.environ['PATH']}"
+
+
+class _Robust:
+    """launch() of the stock submitit launchers, except that it waits for every job, prints each
+    job's state changes, and returns a failed JobReturn for a job that ended without a result."""
+
+    poll_s = 2.0
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import filter_overrides
+        from omegaconf import OmegaConf
+
+        if self._EXECUTOR == "slurm":
+            ensure_sacct()
+        params = dict(self.params)
+        init = {"folder": params.pop("submitit_folder")}
+        if "max_num_timeout" in params:
+            init[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
+        base = set(OmegaConf.structured(_stock.BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()})
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        args = [(list(ov), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}",
+                 Singleton.get_state()) for i, ov in enumerate(job_overrides)]
+        jobs = executor.map_array(self, *zip(*args))
+        names = [" ".join(filter_overrides(ov)) for ov in job_overrides]
+        for j, n in zip(jobs, names):
+            print(f"  submitted job {j.job_id}: {n}", flush=True)
+        states = {}
+        pending = set(range(len(jobs)))
+        while pending:
+            for i in sorted(pending):
+                j = jobs[i]
+                done = j.done()
+                st = j.state
+                if states.get(i) != st and not done:
+                    states[i] = st
+                    print(f"  job {j.job_id} {st}: {names[i]}", flush=True)
+                if done:
+                    pending.discard(i)
+                    print(f"  job {j.job_id} finished ({j.state}): {names[i]}", flush=True)
+            if pending:
+                time.sleep(self.poll_s)
+        out = []
+        for j in jobs:
+            try:
+                out.append(j.results()[0])
+            except Exception as e:  # killed, cancelled, failed node, lost result
+                ret = JobReturn()
+                ret.status = JobStatus.FAILED
+                msg = str(e).strip().splitlines()
+                ret._return_value = RuntimeError(f"job {j.job_id} ({j.state}): {type(e).__name__}: "
+                                                 f"{msg[0] if msg else ''}")
+                out.append(ret)
+        return out
+
+
+class D2CSlurmLauncher(_Robust, SlurmLauncher):
+    pass
+
+
+class D2CLocalLauncher(_Robust, LocalLauncher):
+    pass
+
+
+@dataclass
+class D2CSlurmConf(_stock.SlurmQueueConf):
+    """hydra/launcher=submitit_slurm: every field of the stock one (partition, gpus_per_node, nodes,
+    tasks_per_node, timeout_min, mem_gb, account, qos, ...); preemption and timeouts requeue
+    (submitit checkpoint), up to max_num_timeout times for timeouts."""
+    _target_: str = "hydra_plugins.d2c_ablations.D2CSlurmLauncher"
+    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
+    max_num_timeout: int = 3
+    signal_delay_s: int = 120
+
+
+@dataclass
+class D2CLocalConf(_stock.LocalQueueConf):
+    _target_: str = "hydra_plugins.d2c_ablations.D2CLocalLauncher"
+
+
+# --------------------------------------------------------------------------- sweeper
+
+
+@dataclass
+class D2CSweeperConf:
+    _target_: str = "hydra_plugins.d2c_ablations.D2CSweeper"
+
+
+class D2CSweeper(Sweeper):
+    """Plan (validated by run.py already), skip finished cells, launch the rest, summarise."""
+
+    def __init__(self) -> None:
+        self.config = self.launcher = self.hydra_context = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        from hydra.core.plugins import Plugins
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: List[str]) -> Any:
+        import d2c_harness as H
+        from d2c.results import is_finished, write_record, read_record, record_path
+
+        cells = H.plan(list(arguments), self.hydra_context.config_loader, self.config)
+        results_dir = Path(cells[0]["config"]["results_dir"]) if cells else Path(".")
+        todo = [c for c in cells if not is_finished(c["config"]["results_dir"], c["cell_id"])]
+        trains = len({c["train_key"] for c in todo})
+        print(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} already done (skipped), "
+              f"{len(todo)} to run, {trains} training config(s); results in {results_dir}", flush=True)
+        for c in cells:
+            mark = "done" if c not in todo else "todo"
+            print(f"  [{mark}] {c['cell_id'][:8]} {H.describe(c['config'])}", flush=True)
+        returns = []
+        if todo:
+            rets = self.launcher.launch([c["overrides"] for c in todo], initial_job_idx=0)
+            for c, r in zip(todo, rets):
+                if r.status != JobStatus.COMPLETED:
+                    err = r._return_value
+                    path = record_path(c["config"]["results_dir"], c["cell_id"])
+                    try:
+                        ok = read_record(path)["status"] == "ok"
+                    except Exception:
+                        ok = False
+                    if not ok:
+                        msg = str(err).strip().splitlines()
+                        write_record(c["config"]["results_dir"],
+                                     H.failed_record(c, msg[0] if msg else type(err).__name__))
+                        print(f"  FAILED {c['cell_id'][:8]} {H.describe(c['config'])}: {msg[0] if msg else ''}",
+                              flush=True)
+            returns.append(rets)
+        H.LAST_SWEEP = {"cells": cells, "failed": H.print_summary(cells, results_dir)}
+        return returns
+
+
+def register() -> None:
+    """Store our sweeper and launcher nodes.  Call after Hydra's plugin scan (which re-executes
+    the stock plugin's config module): d2c_harness.register_configs() does."""
+    cs = ConfigStore.instance()
+    cs.store(group="hydra/sweeper", name="d2c", node=D2CSweeperConf, provider="d2c_ablations")
+    cs.store(group="hydra/launcher", name="submitit_slurm", node=D2CSlurmConf, provider="d2c_ablations")
+    cs.store(group="hydra/launcher", name="submitit_local", node=D2CLocalConf, provider="d2c_ablations")
+
+
+register()

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Ablation sweeps over D2C, MAR and LlamaGen on one Hydra config tree.
+
+    python ablations/run.py                                        # the embedded-default comparison
+    python ablations/run.py -m fusion=cross_attn,qformer steps=16,32,64
+    python ablations/run.py -m model=mar steps=8,32 hydra/launcher=submitit_slurm \
+        hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1
+
+Axes: model, fusion, discrete_model, steps, diffusion_steps, cfg, temperature, num_images,
+data, seed (and recipe, train_steps, results_dir, ...: see ablations/d2c_harness.py RunConfig).
+Every cell of the sweep is composed and checked before anything runs: a bad key, value or
+combination prints `error: <key>=<value>: ... allowed: ...` and exits with status 2.
+One record per cell in <results_dir>/records/<cell_id>.json (schema: core/d2c/results.py);
+finished cells are skipped when the sweep runs again.  Exit status 1 if any cell failed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import d2c_harness as H  # noqa: E402
+
+H.register_configs()
+PASS_THROUGH = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--resolve",
+                "--package", "-p", "--shell-completion", "-sc")
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def task(cfg: DictConfig):
+    """One cell (runs inside the launcher's job)."""
+    import d2c_harness as H
+    c = H.resolve(cfg)
+    cell_id, train_key = H.keys(c)
+    print(f"cell {cell_id[:8]} running: {H.describe(c)}", flush=True)
+    rec = H.run_cell(c, cell_id, train_key)
+    if rec:
+        m = rec.get("metrics") or {}
+        tail = (f"fid={m['fid']:.3f} {rec['speed']['images_per_second']:.1f} img/s" if rec["status"] == "ok"
+                and "fid" in m else rec.get("error") or "")
+        print(f"cell {cell_id[:8]} {rec['status']}: {H.describe(c)} {tail}", flush=True)
+    return {"cell_id": cell_id, "status": rec.get("status") if rec else None}
+
+
+def _validate(args: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(HERE / "conf"), version_base=None):
+        cells = H.plan(args)
+        hydra_args = [a for a in args if a.lstrip("+~").startswith("hydra")]
+        if hydra_args:
+            try:
+                compose(config_name="config", overrides=hydra_args + cells[0]["overrides"], return_hydra_config=True)
+            except Exception as e:
+                raise H.hydra_error(e, hydra_args) from None
+
+
+def _environment() -> None:
+    # jobs started by submitit (local processes or SLURM) import the harness and its Hydra plugins
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(HERE) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), *paths])
+    if not sys.stderr.isatty():   # logs and SLURM files: no progress bars redrawn in place
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def main(argv=None) -> int:
+    _environment()
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-m", "--multirun")]
+    if any(a.split("=")[0] in PASS_THROUGH for a in args):
+        sys.argv = [sys.argv[0], *args]
+        task()
+        return 0
+    # absolute results_dir: jobs may start in another directory
+    rd = next((a.partition("=")[2] for a in args if a.startswith("results_dir=")), "results")
+    args = [a for a in args if not a.startswith("results_dir=")] + [f"results_dir={Path(rd).expanduser().resolve()}"]
+    try:
+        _validate(args)
+    except H.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.argv = [sys.argv[0], "--multirun", *args]
+    task()
+    sweep = getattr(H, "LAST_SWEEP", None)
+    return 1 if sweep is None or sweep["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

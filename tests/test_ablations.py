@@ -1,0 +1,232 @@
+"""The ablation harness (ablations/run.py): the design-card sweep on tiny presets, skip-finished,
+resume after SIGKILL, concurrent cells training a shared stage once, failed cells, and the
+one-line error for invalid configs (property-based)."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "ablations" / "run.py"
+TINY = ["recipe=tiny", "data=shapes_tiny", "num_images=20", "batch_size=10"]
+sys.path.insert(0, str(REPO / "ablations"))
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def feature_net(tmp_path_factory):
+    """The embedded feature net, trained once for the session (seconds) and copied into each
+    results dir's cache, so that every sweep below does not train it again."""
+    from d2c.metrics import load_feature_net
+    d = tmp_path_factory.mktemp("fnet")
+    _, path = load_feature_net(cache_dir=d, progress=False)
+    return path
+
+
+def _results(tmp_path, feature_net, name="results"):
+    rd = tmp_path / name
+    (rd / "cache").mkdir(parents=True, exist_ok=True)
+    shutil.copy(feature_net, rd / "cache" / feature_net.name)
+    return rd
+
+
+def run(args, rd=None, timeout=300, **kw):
+    cmd = [sys.executable, str(RUN), *args] + ([f"results_dir={rd}"] if rd else [])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=kw.get("cwd", REPO))
+
+
+def records(rd):
+    from d2c.results import read_records
+    return read_records(rd, on_bad=lambda e: pytest.fail(str(e)))
+
+
+def trained(out: str) -> list[str]:
+    return re.findall(r"^training (\S+) ->", out, re.M)
+
+
+@pytest.mark.slow
+def test_design_card_sweep_tiny_then_skip(tmp_path, feature_net):
+    """`-m fusion=cross_attn,qformer steps=...`: every cell one record, each stage trained once
+    (sampling axes never retrain); run again: every cell skipped, nothing trained."""
+    rd = _results(tmp_path, feature_net)
+    p = run(["-m", "fusion=cross_attn,qformer", "steps=2,3", *TINY], rd)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(trained(p.stdout)) == sorted(["kl", "vq", "gpt", "d2c_cross_attn", "d2c_qformer"])
+    recs = records(rd)
+    assert len(recs) == 4 and {r["status"] for r in recs} == {"ok"}
+    assert {(r["family"], r["config"]["steps"]) for r in recs} == {
+        (f, s) for f in ("d2c_cross_attn", "d2c_qformer") for s in (2, 3)}
+    assert len({r["train_key"] for r in recs}) == 2
+    for r in recs:
+        assert (rd / r["grid"]).is_file() and r["metrics"]["fid"] > 0 and r["speed"]["mar_steps"] == r["config"]["steps"]
+        assert r["versions"]["torch"] and r["hardware"]["cpu_cores"] and r["seed"] == 0 and "git_commit" in r
+    assert "4 ok, 0 failed of 4 cells" in p.stdout and str(rd / "records") in p.stdout
+    again = run(["-m", "fusion=cross_attn,qformer", "steps=2,3", *TINY], rd)
+    assert again.returncode == 0 and "4 already done (skipped), 0 to run" in again.stdout
+    assert trained(again.stdout) == [] and len(records(rd)) == 4
+
+
+@pytest.mark.slow
+def test_failed_cell_is_recorded_and_others_finish(tmp_path, feature_net):
+    rd = _results(tmp_path, feature_net)
+    p = run(["-m", "model=mar", "steps=2", "fault=raise,null", *TINY], rd)
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = {r["config"]["fault"]: r for r in records(rd)}
+    assert recs["raise"]["status"] == "failed" and "fault injected" in recs["raise"]["error"]
+    assert "\n" not in recs["raise"]["error"]
+    assert recs[None]["status"] == "ok"
+    assert "1 ok, 1 failed of 2 cells" in p.stdout and "fault injected" in p.stdout
+    # a failed cell is retried by the next run, the finished one skipped
+    again = run(["-m", "model=mar", "steps=2", "fault=raise,null", *TINY], rd)
+    assert "1 already done (skipped), 1 to run" in again.stdout
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path, feature_net):
+    """SIGKILL the sweep while a stage trains (after its first checkpoint); the rerun resumes
+    from that checkpoint and writes exactly one whole record."""
+    rd = _results(tmp_path, feature_net)
+    args = [sys.executable, str(RUN), "model=mar", "steps=2", "train_steps=30", *TINY, f"results_dir={rd}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if list(rd.glob("ckpt/kl-*/step_*/state.pt")):
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint within 240 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (rd / "records").exists() or not list((rd / "records").iterdir())
+    p = run(["model=mar", "steps=2", "train_steps=30", *TINY], rd)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert re.search(r"^training kl -> .* \(resuming from step_\d+\)", p.stdout, re.M), p.stdout[-3000:]
+    assert sorted(trained(p.stdout)) == ["kl", "mar", "vq"]
+    recs = records(rd)
+    assert len(recs) == 1 and recs[0]["status"] == "ok"
+    assert sorted(x.name for x in (rd / "records").iterdir()) == [f"{recs[0]['cell_id']}.json"]
+
+
+@pytest.mark.slow
+def test_concurrent_cells_train_shared_stages_once(tmp_path, feature_net):
+    rd = _results(tmp_path, feature_net)
+    procs = [subprocess.Popen([sys.executable, str(RUN), "model=d2c", f"steps={s}", *TINY, f"results_dir={rd}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO)
+             for s in (2, 3)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    all_trained = trained(outs[0]) + trained(outs[1])
+    assert sorted(all_trained) == sorted(["kl", "vq", "gpt", "d2c_qformer"]), all_trained
+    recs = records(rd)
+    assert len(recs) == 2 and len({r["train_key"] for r in recs}) == 1
+
+
+# --------------------------------------------------------------------------- invalid configs
+
+
+def test_invalid_config_cli_one_line_exit_2(tmp_path):
+    p = run(["-m", "model=mar", "fusion=qformer", "steps=1,2"], tmp_path / "r")
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error: fusion=qformer:")
+    assert "allowed: none" in p.stderr and not (tmp_path / "r").exists()
+    p = run(["nosuchkey=3"], tmp_path / "r")
+    assert p.returncode == 2 and p.stderr.startswith("error: nosuchkey=3: unknown key") and "\n" not in p.stderr.strip()
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+import d2c_harness as H  # noqa: E402
+
+_word = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
+_bad_key = _word.filter(lambda k: k not in H.KEYS and not k.startswith("hydra") and k != "data")
+_junk = st.one_of(_word, st.integers(-1000, 1000).map(str), st.floats(allow_nan=False, allow_infinity=False).map(str))
+_int_keys = ("steps", "num_images", "batch_size")
+_bad_value = st.one_of(
+    st.tuples(st.sampled_from(_int_keys), st.one_of(st.integers(-100, 0).map(str), _word.filter(lambda w: w not in ("null",)), st.just("1.5"))),
+    st.tuples(st.just("model"), _word.filter(lambda w: w not in H.MODELS and w != "null")),
+    st.tuples(st.just("fusion"), _word.filter(lambda w: w not in H.FUSIONS and w != "null")),
+    st.tuples(st.just("discrete_model"), _word.filter(lambda w: w not in H.GPT_PRESETS and w != "null")),
+    st.tuples(st.just("data"), _word.filter(lambda w: w not in H.DATA_OPTIONS)),
+    st.tuples(st.just("temperature"), st.floats(-10, 0).map(str)),
+    st.tuples(st.just("cfg"), st.floats(-10, -0.01).map(str)),
+    st.tuples(st.just("seed"), st.integers(-100, -1).map(str)),
+    st.tuples(st.just("recipe"), _word.filter(lambda w: w not in H.RECIPES)),
+    st.tuples(st.sampled_from(("model=mar", "model=llamagen")).map(lambda m: "fusion"),
+              st.sampled_from(("cross_attn", "qformer"))),
+)
+
+
+@pytest.fixture(scope="module")
+def run_mod():
+    import importlib
+    return importlib.import_module("run")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(("key", "value")), key=_bad_key, junk=_junk, kv=_bad_value,
+       good=st.lists(st.sampled_from(["steps=2,3", "cfg=1.5", "fusion=cross_attn,qformer", "seed=1"]), max_size=2))
+def test_invalid_configs_one_line_exit_2(run_mod, monkeypatch, capsys, tmp_path, kind, key, junk, kv, good):
+    """Random bad keys / values / combinations (mixed with good sweep axes): exit 2, one line on
+    stderr naming the key and the allowed values, and nothing launched."""
+    monkeypatch.setattr(run_mod, "task", lambda: pytest.fail("launched despite an invalid config"))
+    monkeypatch.setattr(run_mod, "_environment", lambda: None)   # no env changes in the test process
+    if kind == "key":
+        bad, name = f"{key}={junk}", key
+    else:
+        name, val = kv
+        bad = f"{name}={val}"
+    args = [a for a in good if a.split("=")[0] != name]
+    if kind == "value" and name == "fusion" and val in ("cross_attn", "qformer"):
+        args = [a for a in args if not a.startswith("fusion")] + ["model=mar"]
+    argv = ["-m", *args, bad, f"results_dir={tmp_path / 'r'}"]
+    assert run_mod.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith(f"error: {name}="), err
+    assert "allowed" in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_plan_keys_sampling_axes_share_train_key():
+    from hydra import initialize_config_dir
+    H.register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "ablations" / "conf"), version_base=None):
+        cells = H.plan(["steps=2,4", "cfg=1.0,2.0", "temperature=0.9", "diffusion_steps=5,null", *TINY])
+        default = H.plan([*TINY])
+        llama = H.plan(["model=llamagen", "steps=2,4,8"])
+    assert len(cells) == 8 and len({c["cell_id"] for c in cells}) == 8
+    assert len({c["train_key"] for c in cells}) == 1
+    fams = sorted(H.family_of(c["config"]) for c in default)
+    assert fams == sorted(["llamagen", "mar", "mar", "d2c_cross_attn", "d2c_cross_attn", "d2c_qformer", "d2c_qformer"])
+    assert len(llama) == 1 and llama[0]["config"]["steps"] is None  # steps do not apply: one cell
+
+
+@pytest.mark.slow
+def test_default_comparison_tiny(tmp_path, feature_net):
+    """`run.py` with no axis: LlamaGen, MAR and both D2C fusions at the default step counts (on the
+    tiny recipe here), one record each, and the table + where records and grids are."""
+    rd = _results(tmp_path, feature_net)
+    p = run([*TINY], rd)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = records(rd)
+    fams = sorted((r["family"], r["config"]["steps"] or 0) for r in recs)
+    assert fams == sorted([("llamagen", 0)] + [(f, s) for f in ("mar", "d2c_cross_attn", "d2c_qformer") for s in (8, 32)])
+    assert all(r["status"] == "ok" for r in recs)
+    llama = next(r for r in recs if r["family"] == "llamagen")
+    assert llama["speed"]["mar_steps"] == 0 and llama["speed"]["ar_steps"] > 0
+    assert "7 ok, 0 failed of 7 cells" in p.stdout and f"grids: {rd / 'grids'}" in p.stdout
