@@ -27,19 +27,29 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as e:  # truncated or not safetensors
-            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {first})") from None
+    return unwrap(safe_torch_load(path), str(path))
+
+
+def safe_torch_load(path):
+    """torch.load(weights_only=True) with one-line CheckpointErrors: a pickle that names any
+    global outside torch's tensor allow-list (and argparse.Namespace) is refused before it runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
         # MAR's and LlamaGen's training scripts also store their argparse `args`; a Namespace only
         # sets attributes, so it is allowed while every other global stays refused.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused to load, the file holds more than tensors "
                               f"(weights_only=True: {first})") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    return unwrap(obj, str(path))
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
 
 
 def unwrap(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -155,10 +155,16 @@ class TrainConfig:
     progress: bool = True
     kl_weight: float = 1e-6            # kl stage: LDM's KL weight on the posterior
     scale_batches: int = 8             # kl stage: batches used to fit the latent scale
+    # A non-finite loss or gradient norm: "stop" checkpoints the last good state (the bad update
+    # is never applied) and raises d2c.train.NonFiniteLoss naming the step; "skip" drops that
+    # batch (no optimizer or EMA update), counts it, and stops only after this many in a row.
+    on_nonfinite: str = "stop"         # stop | skip
+    max_consecutive_skips: int = 10
 
     STAGES = ("kl", "vq", "gpt", "mar")
     SCHEDULES = ("constant", "cosine")
     PRECISIONS = ("auto", "bf16", "fp32")
+    ON_NONFINITE = ("stop", "skip")
 
 
 # --------------------------------------------------------------------------- presets
@@ -238,13 +244,14 @@ def make_config(preset: str, **overrides):
 def validate(cfg) -> None:
     """Fail early with one line naming the field and what is allowed."""
     if isinstance(cfg, TrainConfig):
-        for name, allowed in (("stage", cfg.STAGES), ("schedule", cfg.SCHEDULES), ("precision", cfg.PRECISIONS)):
+        for name, allowed in (("stage", cfg.STAGES), ("schedule", cfg.SCHEDULES), ("precision", cfg.PRECISIONS),
+                              ("on_nonfinite", cfg.ON_NONFINITE)):
             if getattr(cfg, name) not in allowed:
                 raise ValueError(f"{name}={getattr(cfg, name)!r}; allowed: {', '.join(allowed)}")
         if cfg.preset not in PRESETS or preset_kind(cfg.preset) != cfg.stage:
             ok = [p for p in PRESETS if preset_kind(p) == cfg.stage]
             raise ValueError(f"preset={cfg.preset!r} for stage {cfg.stage}; allowed: {', '.join(ok)}")
-        for name in ("batch_size", "steps"):
+        for name in ("batch_size", "steps", "max_consecutive_skips"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name}={getattr(cfg, name)}; allowed: integers >= 1")
     if isinstance(cfg, MARConfig):

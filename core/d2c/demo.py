@@ -21,7 +21,14 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=16, help="MAR iterations")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    from d2c.cli import exit_on_user_error
+    with exit_on_user_error():   # user errors: one line on stderr, exit 2
+        if args.num_images < 1 or args.steps < 1:
+            raise ValueError(f"--num-images={args.num_images} --steps={args.steps}; allowed: integers >= 1")
+        _run(args)
 
+
+def _run(args):
     torch.manual_seed(args.seed)
     gpt, vq, kl = d2c.build("gpt_tiny").eval(), d2c.build("vq_tiny").eval(), d2c.build("kl_tiny").eval()
     mar = d2c.build("mar_tiny").eval()

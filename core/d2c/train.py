@@ -10,6 +10,11 @@ renamed, so a crash never leaves a half checkpoint), `config.json`, TensorBoard 
 `tb/`, and `DONE` once the last step is saved.  Resuming restores weights, EMA, optimizer,
 step and every RNG, so a resumed run reaches the same weights as an uninterrupted one.
 DDP: launched by torchrun or SLURM (env vars), each rank takes its slice of the global batch.
+
+Failures: SIGTERM (SLURM preemption) finishes the current step, checkpoints it and raises
+`Preempted` (a SystemExit: the job exits, a requeued one resumes); a non-finite loss or
+gradient either stops with `NonFiniteLoss` after checkpointing the last good state, or skips
+the batch (`TrainConfig.on_nonfinite`).
 """
 from __future__ import annotations
 
@@ -19,7 +24,11 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,12 +36,67 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import d2c
-from d2c.checkpoint import atomic_write_text, fsync_path, load_into, load_state_dict_file, save_safetensors
+from d2c.checkpoint import (CheckpointError, atomic_write_text, fsync_path, load_into, load_state_dict_file,
+                            safe_torch_load, save_safetensors)
 from d2c.config import TrainConfig, make_config, validate
 from d2c.models.gpt import next_token_loss
 from d2c.tokenizers.kl import DiagonalGaussian
 
 CONV_STAGES = ("kl", "vq")   # the convolutional tokenizers
+PREEMPT_SIGNALS = (signal.SIGTERM,)   # SLURM sends SIGTERM on preemption / scancel, KillWait before SIGKILL
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Training hit a non-finite loss or gradient norm; the message is one line (step, folder),
+    and the folder's newest checkpoint is the state just before that step."""
+
+
+class Preempted(SystemExit):
+    """Raised by train() after a stop request (SIGTERM, or request_stop()) once the step in
+    progress is checkpointed: a SystemExit, so `except Exception` handlers do not record it as a
+    failure, and the process exits 128 + SIGTERM.  Rerunning train() on the folder resumes."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(128 + signal.SIGTERM)
+        self.step, self.checkpoint = step, checkpoint
+
+    def __str__(self):
+        return f"preempted: checkpoint {self.checkpoint} at step {self.step}; rerun to resume"
+
+
+_stop = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask a running train() to checkpoint at the end of its current step and raise Preempted
+    (what the SIGTERM handler does; callable from a launcher's own signal handler)."""
+    _stop.set()
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM sets the stop flag instead of killing mid-step; a second one kills at once
+    (the checkpoints are atomic, so that is safe).  The previous handlers come back after, and
+    the flag is cleared (not on entry: a request_stop() made just before train() still counts)."""
+    if threading.current_thread() is not threading.main_thread():   # signal.signal needs the main thread
+        try:
+            yield
+        finally:
+            _stop.clear()
+        return
+
+    def handler(signum, frame):
+        if _stop.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        _stop.set()
+    prev = {s: signal.signal(s, handler) for s in PREEMPT_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in prev.items():
+            signal.signal(s, h)
+        _stop.clear()
 
 # --------------------------------------------------------------------------- data sources
 
@@ -191,7 +255,7 @@ def _ckpt_dirs(out: Path):
     return sorted(p for p in out.glob("step_*") if p.is_dir() and (p / "state.pt").is_file())
 
 
-def save_checkpoint(out: Path, step: int, model, ema: EMA, opt, keep: int):
+def save_checkpoint(out: Path, step: int, model, ema: EMA, opt, keep: int, extra: dict | None = None):
     """Folder step_XXXXXXX with model/ema safetensors + state.pt (optimizer, step, RNG);
     written under a temp name and renamed, so only complete checkpoints carry the final name."""
     final = out / f"step_{step:07d}"
@@ -200,15 +264,29 @@ def save_checkpoint(out: Path, step: int, model, ema: EMA, opt, keep: int):
     tmp.mkdir(parents=True)
     save_safetensors(model, tmp / "model.safetensors")
     save_safetensors(ema.shadow, tmp / "ema.safetensors")
-    torch.save({"step": step, "optimizer": opt.state_dict()}, tmp / "state.pt")
+    torch.save({"step": step, "optimizer": opt.state_dict(), **(extra or {})}, tmp / "state.pt")
     fsync_path(tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_path(out)
     for old in _ckpt_dirs(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # rename first: a kill during rmtree leaves a dot-folder (cleaned later), never a
+        # half-deleted step_* folder that still looks like a checkpoint
+        trash = out / f".del_{old.name}_{os.getpid()}"
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def _clean_stale(out: Path) -> None:
+    """Leftovers of a killed writer (temp checkpoint folders, half-pruned ones, temp files).
+    Safe: one writer per run folder (the pipeline's stage lock; DDP writes from rank 0 only)."""
+    for p in [*out.glob(".tmp_step_*"), *out.glob(".del_step_*")]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in out.glob(".*.tmp[0-9]*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def _config_json(cfg: TrainConfig, model_cfg) -> dict:
@@ -291,15 +369,21 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                             fused=device.type == "cuda")
-    start = 0
+    start, skipped = 0, []          # skipped: steps whose batch was dropped (on_nonfinite="skip")
     ckpts = _ckpt_dirs(out) if out.exists() else []
     if ckpts:
         last = ckpts[-1]
-        load_into(model, load_state_dict_file(last / "model.safetensors"), source=str(last))
-        ema.shadow = {k: v.to(device) for k, v in load_state_dict_file(last / "ema.safetensors").items()}
-        state = torch.load(last / "state.pt", map_location="cpu", weights_only=True)
+        try:
+            load_into(model, load_state_dict_file(last / "model.safetensors"), source=str(last))
+            ema.shadow = {k: v.to(device) for k, v in load_state_dict_file(last / "ema.safetensors").items()}
+            state = safe_torch_load(last / "state.pt")
+        except CheckpointError as e:
+            # checkpoints are written atomically, so this is outside damage: say so, and how to go on
+            hint = f"; move {last} away to resume from {ckpts[-2].name}" if len(ckpts) > 1 else ""
+            raise CheckpointError(f"cannot resume: {e}{hint}") from None
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
+        skipped = list(state.get("skipped", []))
     elif init_from is not None:
         sd = load_state_dict_file(_ckpt_dirs(Path(init_from))[-1] / "model.safetensors")
         missing = [k for k in model.state_dict() if k not in sd]
@@ -309,6 +393,7 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
         ema = EMA(model, cfg.ema_decay)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        _clean_stale(out)
         atomic_write_text(out / "config.json", json.dumps(_config_json(cfg, model_cfg), indent=1))
 
     ddp = model
@@ -326,54 +411,104 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
     model.train()
     local_b = cfg.batch_size // world
     t0, last_log = time.perf_counter(), start
-    for step in range(start, cfg.steps):
-        idx, flip = batch_indices(step, len(source), cfg.batch_size, cfg.seed)
-        sl = slice(rank * local_b, (rank + 1) * local_b)
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                 for k, v in {**source.get(idx[sl], flip[sl]), **(extra_batch or {})}.items()}
-        # Every step's randomness (masks, orders, noise, dropout) is a function of (seed, rank,
-        # step): a run resumed from any checkpoint repeats the uninterrupted one exactly.
-        torch.manual_seed(step_seed(cfg.seed, rank, step))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        with _autocast(device, cfg.precision, cfg.stage):
-            loss, scalars = stage_loss(cfg.stage, ddp, batch, cfg)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step} of {out}; last good checkpoint kept")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        opt.step()
-        ema.update(model, step)
-        done = step + 1
-        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
-            lv = loss.item()
-            rate = (done - last_log) / max(time.perf_counter() - t0, 1e-9)
-            t0, last_log = time.perf_counter(), done
-            if writer is not None:
-                writer.add_scalar(f"{cfg.stage}/loss", lv, done)
-                writer.add_scalar(f"{cfg.stage}/lr", opt.param_groups[0]["lr"], done)
-                writer.add_scalar(f"{cfg.stage}/steps_per_s", rate, done)
-                if gnorm is not None:
-                    writer.add_scalar(f"{cfg.stage}/grad_norm", float(gnorm), done)
-                for k, v in scalars.items():
-                    writer.add_scalar(f"{cfg.stage}/{k}", v, done)
-            if bar is not None:
-                bar.set_postfix(loss=f"{lv:.4f}", it_s=f"{rate:.2f}")
-        if bar is not None:
-            bar.update(1)
-        if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-            save_checkpoint(out, done, model, ema, opt, cfg.keep_checkpoints)
-        if world > 1 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+    saved, in_a_row = start, 0          # step of the newest checkpoint; skipped batches in a row
+
+    def checkpoint(at: int):
+        if rank == 0 and at > saved:
+            save_checkpoint(out, at, model, ema, opt, cfg.keep_checkpoints, {"skipped": skipped})
+        if world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint it might need on resume
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
+        return at
+
+    try:
+        with _stop_on_signals():
+            for step in range(start, cfg.steps):
+                idx, flip = batch_indices(step, len(source), cfg.batch_size, cfg.seed)
+                sl = slice(rank * local_b, (rank + 1) * local_b)
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                         for k, v in {**source.get(idx[sl], flip[sl]), **(extra_batch or {})}.items()}
+                # Every step's randomness (masks, orders, noise, dropout) is a function of (seed, rank,
+                # step): a run resumed from any checkpoint repeats the uninterrupted one exactly.
+                torch.manual_seed(step_seed(cfg.seed, rank, step))
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, cfg)
+                with _autocast(device, cfg.precision, cfg.stage):
+                    loss, scalars = stage_loss(cfg.stage, ddp, batch, cfg)
+                loss_ok = bool(torch.isfinite(loss.detach()))
+                bad, stop_now = not loss_ok, None
+                if world > 1:   # every rank must take the same branches (backward and barriers are collective)
+                    flags = torch.tensor([float(bad), float(_stop.is_set())], device=device)
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    bad, stop_now = bool(flags[0]), bool(flags[1])
+                opt.zero_grad(set_to_none=True)
+                gnorm = None
+                if not bad:
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        bad = not bool(torch.isfinite(gnorm))   # grads are all-reduced: same on every rank
+                if bad:
+                    what = (f"loss {loss.item()}" if not loss_ok else
+                            "loss on another rank" if gnorm is None else f"grad norm {float(gnorm)}")
+                    if cfg.on_nonfinite == "stop" or in_a_row + 1 > cfg.max_consecutive_skips:
+                        # the bad update was never applied: the weights are the state after `step` steps
+                        saved = checkpoint(step) if step > saved else saved
+                        why = ("" if cfg.on_nonfinite == "stop" else
+                               f" ({in_a_row + 1} batches in a row, max_consecutive_skips={cfg.max_consecutive_skips})")
+                        kept = (f"last good state saved as {out / f'step_{saved:07d}'}" if saved > 0
+                                else "no step completed, nothing saved")
+                        raise NonFiniteLoss(f"non-finite {what} at step {step}{why} in {out}; {kept}; "
+                                            f"lower lr, use bf16/fp32, or on_nonfinite=skip")
+                    in_a_row += 1
+                    skipped.append(step)
+                    opt.zero_grad(set_to_none=True)
+                    if rank == 0:
+                        warnings.warn(f"{out}: non-finite {what} at step {step}: batch skipped "
+                                      f"({len(skipped)} skipped so far)", RuntimeWarning, stacklevel=2)
+                else:
+                    opt.step()
+                    ema.update(model, step)
+                    in_a_row = 0
+                done = step + 1
+                if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+                    lv = loss.item()
+                    rate = (done - last_log) / max(time.perf_counter() - t0, 1e-9)
+                    t0, last_log = time.perf_counter(), done
+                    if writer is not None:
+                        writer.add_scalar(f"{cfg.stage}/loss", lv, done)
+                        writer.add_scalar(f"{cfg.stage}/lr", opt.param_groups[0]["lr"], done)
+                        writer.add_scalar(f"{cfg.stage}/steps_per_s", rate, done)
+                        writer.add_scalar(f"{cfg.stage}/skipped_steps", len(skipped), done)
+                        if gnorm is not None:
+                            writer.add_scalar(f"{cfg.stage}/grad_norm", float(gnorm), done)
+                        for k, v in scalars.items():
+                            writer.add_scalar(f"{cfg.stage}/{k}", v, done)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{lv:.4f}", it_s=f"{rate:.2f}")
+                if bar is not None:
+                    bar.update(1)
+                if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                    saved = checkpoint(done)
+                if stop_now is None:
+                    stop_now = _stop.is_set()
+                if stop_now and done < cfg.steps:
+                    saved = checkpoint(done)
+                    if rank == 0:
+                        print(f"train: stop requested (SIGTERM): checkpoint {out / f'step_{saved:07d}'} "
+                              f"written; rerun to resume", file=sys.stderr, flush=True)
+                    raise Preempted(saved, out / f"step_{saved:07d}")
+            stopped = bool(stop_now) if cfg.steps > start else _stop.is_set()  # during the last step: finish, then exit
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
     if rank == 0:
         if cfg.stage == "kl":
             _store_latent_scale(out, cfg, model_cfg, ema, source, device)
-        atomic_write_text(out / "DONE", json.dumps({"steps": cfg.steps}))
+        atomic_write_text(out / "DONE", json.dumps({"steps": cfg.steps, "skipped_steps": skipped}))
+    if stopped:
+        raise Preempted(cfg.steps, out / f"step_{cfg.steps:07d}")
     return out
 
 

@@ -232,6 +232,7 @@ class Transformer(nn.Module):
         if not 1 <= t <= self.cfg.block_size:
             raise ValueError(f"codes length {t}; allowed 1..block_size={self.cfg.block_size}")
         check_labels(labels, self.cfg.num_classes)
+        check_ids(codes, self.cfg.vocab_size - 1, "codes", f" (vocab_size={self.cfg.vocab_size})")
         cls = self.cls_embedding(labels, drop=self.training)
         h = torch.cat([cls, self.tok_embeddings(codes[:, :-1])], dim=1)
         return self._trunk(h)

@@ -1,0 +1,599 @@
+"""Issue 7, reliability and security: every fault is injected, and each one must be loud (one
+line, a d2c error type, exit 2 at the CLI), local (nothing already written is damaged) and
+recoverable (a rerun completes with the weights of an uninterrupted run)."""
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import d2c
+import d2c.train as T
+from d2c.checkpoint import CheckpointError, load_state_dict_file, save_safetensors
+from d2c.config import TrainConfig, validate
+from d2c.train import NonFiniteLoss, Preempted, TokenSource, load_trained, train
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1",
+       "PYTHONPATH": os.pathsep.join([str(ROOT / "core"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+
+class MemoryCache:
+    """In-memory stand-in for TokenCache (codes / moments per flip), as in test_train."""
+
+    def __init__(self, n=32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.codes = torch.randint(0, 512, (n, 2, 8, 8), generator=g)
+        self.moments = torch.randn(n, 2, 8, 8, 8, generator=g) * 0.5
+        self.labels = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def get_batch(self, idx, flip):
+        f = flip.long()
+        return {"codes": self.codes[idx, f], "moments": self.moments[idx, f], "labels": self.labels[idx]}
+
+
+def cfg_(**kw):
+    base = dict(stage="gpt", preset="gpt_tiny", batch_size=8, steps=4, lr=3e-3, warmup_steps=1,
+                ema_decay=0.9, ckpt_every=2, log_every=1, progress=False, tensorboard=False,
+                precision="fp32", overrides={"resid_dropout_p": 0.1})   # dropout on: RNG must resume too
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def src():
+    return TokenSource(MemoryCache())
+
+
+def weights(run, ema=False):
+    return load_trained(run, ema=ema).state_dict()
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def one_line(exc_info, *needles):
+    msg = str(exc_info.value)
+    assert "\n" not in msg and msg.strip(), msg
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs every recovery is compared with: 4 steps and 5 steps."""
+    root = tmp_path_factory.mktemp("ref")
+    train(cfg_(), src(), root / "r4")
+    train(cfg_(steps=5), src(), root / "r5")
+    return {4: (weights(root / "r4"), weights(root / "r4", ema=True)), 5: (weights(root / "r5"), None)}
+
+
+# =============================================================================== 1. crash safety
+
+_DIE_SCRIPT = r"""
+import os, signal, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+import d2c.train as T
+from test_reliability import cfg_, src
+point, out = sys.argv[1], Path(sys.argv[2])
+calls = {"sf": 0, "save": 0, "fsync": 0}
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+real_sf = T.save_safetensors
+def sf(obj, path):                      # calls 1, 2: checkpoint 2 (model, ema); 3, 4: checkpoint 4
+    calls["sf"] += 1
+    if (point, calls["sf"]) in (("model_half", 3), ("ema_half", 4)):
+        from safetensors.torch import save
+        blob = save({k: v.contiguous() for k, v in (obj.state_dict() if hasattr(obj, "state_dict") else obj).items()})
+        Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}").write_bytes(blob[: len(blob) // 2])
+        die()
+    return real_sf(obj, path)
+T.save_safetensors = sf
+
+real_save = torch.save
+def tsave(obj, f, *a, **k):             # state.pt of checkpoint 4: half written, then dead
+    calls["save"] += 1
+    if point == "state_half" and calls["save"] == 2:
+        real_save(obj, f, *a, **k)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])
+        die()
+    return real_save(obj, f, *a, **k)
+T.torch.save = tsave
+
+real_fsync = T.fsync_path
+def fsync(p):                            # checkpoint 4 renamed into place, folder not yet fsynced
+    real_fsync(p)
+    if point == "after_rename" and Path(p) == out and (out / "step_0000004").exists():
+        die()
+T.fsync_path = fsync
+
+real_rmtree = T.shutil.rmtree
+def rmtree(p, *a, **k):                  # pruning step_2 (keep=1): one file gone, then dead
+    if point == "prune" and ".del_step_0000002" in str(p):
+        next(Path(p).iterdir()).unlink()
+        die()
+    return real_rmtree(p, *a, **k)
+T.shutil.rmtree = rmtree
+
+T.train(cfg_(keep_checkpoints=1 if point == "prune" else 2), src(), out)
+"""
+
+
+@pytest.mark.parametrize("point,survivor", [("model_half", 2), ("ema_half", 2), ("state_half", 2),
+                                            ("after_rename", 4), ("prune", 4)])
+def test_sigkill_during_checkpoint_write(tmp_path, reference, point, survivor):
+    """A real process SIGKILLed at each stage of writing checkpoint 4: the newest complete
+    checkpoint loads, stale temp folders are cleaned, and the rerun equals the uninterrupted run."""
+    script = tmp_path / "die.py"
+    script.write_text(_DIE_SCRIPT)
+    run = tmp_path / "r"
+    p = subprocess.run([sys.executable, str(script), point, str(run)], env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    steps = sorted(d.name for d in run.glob("step_*"))
+    assert steps[-1] == f"step_{survivor:07d}", steps
+    load_trained(run)                                    # the last good checkpoint loads
+    assert not (run / "DONE").exists()
+    left = {"prune": ".del_step_0000002_"}.get(point, ".tmp_step_0000004_" if "half" in point else None)
+    assert [q.name.startswith(left) for q in run.iterdir() if q.name.startswith(".")] == ([True] if left else [])
+    train(cfg_(), src(), run)                            # the requeued run completes ...
+    assert_same(weights(run), reference[4][0])           # ... exactly as if never killed
+    assert_same(weights(run, ema=True), reference[4][1])
+    assert not [q.name for q in run.iterdir() if q.name.startswith(".")]   # leftovers cleaned
+
+
+_TERM_SCRIPT = r"""
+import sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+import d2c.train as T
+from test_reliability import cfg_, src
+real = T.lr_at
+def slow_lr(step, cfg):                  # ~20 steps/s, and a sign of life for the test
+    time.sleep(0.05)
+    if step == 3:
+        Path(sys.argv[2]).write_text("running")
+    return real(step, cfg)
+T.lr_at = slow_lr
+T.train(cfg_(steps=400, ckpt_every=1000), src(), sys.argv[1])
+"""
+
+
+def test_sigterm_checkpoints_and_requeued_run_resumes(tmp_path):
+    """SLURM preemption: SIGTERM mid-run -> the step in progress finishes, a checkpoint is written
+    there, exit 128+15 with one line; the requeued run resumes and equals an uninterrupted one."""
+    script = tmp_path / "term.py"
+    script.write_text(_TERM_SCRIPT)
+    run, alive = tmp_path / "r", tmp_path / "alive"
+    p = subprocess.Popen([sys.executable, str(script), str(run), str(alive)], env=ENV,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not alive.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and "stop requested (SIGTERM)" in err
+    (ck,) = run.glob("step_*")                            # ckpt_every=1000: only the preemption one
+    n = int(ck.name[5:])
+    assert 4 <= n < 400 and not (run / "DONE").exists()
+    load_trained(run)
+    train(cfg_(steps=n + 2, ckpt_every=1000), src(), run)                 # requeued: resumes at n
+    train(cfg_(steps=n + 2, ckpt_every=1000), src(), tmp_path / "full")    # never interrupted
+    assert_same(weights(run), weights(tmp_path / "full"))
+    assert_same(weights(run, ema=True), weights(tmp_path / "full", ema=True))
+
+
+def test_request_stop_raises_preempted_after_checkpoint(tmp_path, reference, monkeypatch):
+    """The in-process hook a launcher calls (what the SIGTERM handler does): Preempted is a
+    SystemExit (an `except Exception` does not swallow it), the checkpoint exists when it is raised,
+    and the previous SIGTERM handler is back afterwards."""
+    real = T.lr_at
+
+    def stop_at_2(step, cfg):
+        if step == 2:
+            T.request_stop()
+        return real(step, cfg)
+    monkeypatch.setattr(T, "lr_at", stop_at_2)
+    mine = lambda *a: None  # noqa: E731
+    prev = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(Preempted) as e:
+            try:
+                train(cfg_(ckpt_every=1000), src(), tmp_path / "r")
+            except Exception:            # a harness's failure handler must not see a preemption
+                pytest.fail("Preempted caught as an Exception")
+        assert isinstance(e.value, SystemExit) and e.value.code == 128 + signal.SIGTERM
+        assert e.value.step == 3 and e.value.checkpoint == tmp_path / "r" / "step_0000003"
+        assert (e.value.checkpoint / "state.pt").is_file() and "rerun to resume" in str(e.value)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+    monkeypatch.setattr(T, "lr_at", real)
+    train(cfg_(), src(), tmp_path / "r")
+    assert_same(weights(tmp_path / "r"), reference[4][0])
+
+
+def test_stop_during_the_last_step_finishes_then_exits(tmp_path, monkeypatch):
+    real = T.lr_at
+    monkeypatch.setattr(T, "lr_at", lambda step, cfg: (T.request_stop() if step == 3 else None) or real(step, cfg))
+    with pytest.raises(Preempted) as e:
+        train(cfg_(), src(), tmp_path / "r")
+    assert e.value.step == 4 and T.is_done(tmp_path / "r")     # the requeued job finds it finished
+    assert not T._stop.is_set()
+
+
+def _ddp_stop_worker(rank, world, port, out):
+    """Rank 1 alone sees a NaN loss at step 1 (skip); rank 0 alone is asked to stop at step 3."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    real_lr, real_loss, now = T.lr_at, T.stage_loss, {}
+
+    def lr(step, cfg):
+        now["step"] = step
+        if rank == 0 and step == 3:
+            T.request_stop()
+        return real_lr(step, cfg)
+
+    def loss_fn(*a):
+        loss, sc = real_loss(*a)
+        return (loss * float("nan") if rank == 1 and now["step"] == 1 else loss), sc
+    T.lr_at, T.stage_loss = lr, loss_fn
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            train(cfg_(steps=8, ckpt_every=1000, on_nonfinite="skip"), src(), out, device="cpu")
+    except Preempted as e:
+        Path(out, f"rank{rank}").write_text(str(e.step))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_skip_and_stop(tmp_path):
+    """A NaN on one rank, a stop request on another: every rank takes the same branch (no
+    collective hangs), all stop after the same step, and the checkpoint is there."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    torch.multiprocessing.spawn(_ddp_stop_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    assert [(out / f"rank{r}").read_text() for r in (0, 1)] == ["4", "4"]
+    state = torch.load(out / "step_0000004" / "state.pt", weights_only=True)
+    assert state["step"] == 4 and state["skipped"] == [1] and not (out / "DONE").exists()
+
+
+# =========================================================================== 2. non-finite loss
+
+
+def _poison(monkeypatch, bad_steps, kind="loss"):
+    """stage_loss returns NaN (or a finite loss with a NaN gradient) at the given steps."""
+    real, state = T.stage_loss, {"step": None}
+    real_lr = T.lr_at
+
+    def lr(step, cfg):                   # lr_at is called once per step, before the loss
+        state["step"] = step
+        return real_lr(step, cfg)
+
+    def loss_fn(stage, model, batch, cfg):
+        loss, sc = real(stage, model, batch, cfg)
+        if state["step"] in bad_steps:
+            p = next(model.parameters())
+            if kind == "loss":
+                loss = loss * float("nan")
+            else:                        # d sqrt(x)/dx at 0 is inf: loss stays finite, grad is NaN
+                loss = loss + torch.sqrt((p * 0).abs().sum())
+        return loss, sc
+    monkeypatch.setattr(T, "lr_at", lr)
+    monkeypatch.setattr(T, "stage_loss", loss_fn)
+
+
+def test_nonfinite_stop_saves_last_good_state(tmp_path, reference, monkeypatch):
+    run = tmp_path / "r"
+    _poison(monkeypatch, {5})
+    with pytest.raises(NonFiniteLoss) as e:
+        train(cfg_(steps=6, ckpt_every=4), src(), run)
+    one_line(e, "non-finite loss nan at step 5", "step_0000005", "on_nonfinite=skip")
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_0000004", "step_0000005"]
+    assert_same(weights(run), reference[5][0])     # the state before the bad step, bad update not applied
+    assert not (run / "DONE").exists()
+    monkeypatch.undo()
+    train(cfg_(steps=6, ckpt_every=4), src(), run)     # the cause fixed: the rerun resumes at 5
+    assert json.loads((run / "DONE").read_text()) == {"steps": 6, "skipped_steps": []}
+
+
+def test_nonfinite_at_first_step_writes_nothing(tmp_path, monkeypatch):
+    _poison(monkeypatch, {0})
+    with pytest.raises(NonFiniteLoss) as e:
+        train(cfg_(), src(), tmp_path / "r")
+    one_line(e, "at step 0", "nothing saved")
+    assert not list((tmp_path / "r").glob("step_*"))
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_nonfinite_skip_drops_the_batch(tmp_path, monkeypatch, kind):
+    run = tmp_path / "r"
+    _poison(monkeypatch, {2, 3}, kind)
+    with pytest.warns(RuntimeWarning, match="grad norm nan" if kind == "grad" else "loss nan") as rec:
+        train(cfg_(steps=5, ckpt_every=1, keep_checkpoints=10, on_nonfinite="skip"), src(), run)
+    assert sum("batch skipped" in str(w.message) for w in rec) == 2
+    assert json.loads((run / "DONE").read_text())["skipped_steps"] == [2, 3]
+    # no optimizer step, no EMA update: the states after steps 2, 3 and 4 are identical
+    for f in ("model.safetensors", "ema.safetensors"):
+        a, b, c = (load_state_dict_file(run / f"step_{s:07d}" / f) for s in (2, 3, 4))
+        assert_same(a, b), assert_same(a, c)
+    st = [torch.load(run / f"step_{s:07d}" / "state.pt", weights_only=True) for s in (2, 4)]
+    assert_same(st[0]["optimizer"]["state"][0], st[1]["optimizer"]["state"][0])
+    assert st[1]["skipped"] == [2, 3]
+    assert all(torch.isfinite(v).all() for v in weights(run).values())
+
+
+def test_nonfinite_skip_is_bounded(tmp_path, monkeypatch):
+    _poison(monkeypatch, {1, 2, 3})
+    with pytest.raises(NonFiniteLoss) as e, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        train(cfg_(on_nonfinite="skip", max_consecutive_skips=2), src(), tmp_path / "r")
+    one_line(e, "at step 3", "3 batches in a row", "max_consecutive_skips=2")
+
+
+def test_train_config_switches_validated():
+    with pytest.raises(ValueError, match=r"^on_nonfinite='ignore'; allowed: stop, skip$"):
+        validate(cfg_(on_nonfinite="ignore"))
+    with pytest.raises(ValueError, match=r"^max_consecutive_skips=0; allowed: integers >= 1$"):
+        validate(cfg_(max_consecutive_skips=0))
+
+
+# =============================================================================== 3. bad inputs
+
+
+def _png(path, arr):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def test_corrupt_images_skip_counts_or_error(tmp_path):
+    from d2c.data.imagefolder import BadImageWarning, DataConfig, DataError, build_dataset
+    for c in ("a", "b"):
+        _png(tmp_path / c / "ok.png", np.full((20, 20, 3), 100, np.uint8))
+    (tmp_path / "a" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.warns(BadImageWarning, match="skipping unreadable image"):
+        ds = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8))
+        got = [ds.get_or_none(i) for i in range(len(ds))]
+    assert ds.num_bad == 1 and sum(g is None for g in got) == 1
+    ds = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, on_bad="error"))
+    with pytest.raises(DataError) as e:
+        [ds[i] for i in range(len(ds))]
+    one_line(e, "unreadable image", "broken.jpg")
+    with pytest.raises(DataError) as e:
+        build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "missing")))
+    one_line(e, "does not exist", "missing")
+
+
+def test_wrong_model_checkpoint_names_key_and_shapes(tmp_path):
+    save_safetensors(d2c.build("gpt_tiny", dim=128, n_head=4), tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        d2c.load_pretrained("gpt_tiny", tmp_path / "w.safetensors")
+    assert re.search(r"shape mismatch at \S+: checkpoint \(\d+, 128\) vs model \(\d+, 64\)", one_line(e))
+    save_safetensors(d2c.build("vq_tiny"), tmp_path / "vq.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        d2c.load_pretrained("gpt_tiny", tmp_path / "vq.safetensors")
+    one_line(e, "keys do not match", "missing [", "unexpected [")
+
+
+def test_truncated_or_garbage_checkpoints_are_one_line(tmp_path):
+    save_safetensors(d2c.build("gpt_tiny"), tmp_path / "w.safetensors")
+    blob = (tmp_path / "w.safetensors").read_bytes()
+    for name, data in (("cut.safetensors", blob[: len(blob) // 2]), ("head.safetensors", blob[:5]),
+                       ("zero.safetensors", b""), ("junk.pt", b"\x80\x04junk" * 20)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError) as e:
+            load_state_dict_file(tmp_path / name)
+        one_line(e, name)
+    torch.save({"model": d2c.build("gpt_tiny").state_dict()}, tmp_path / "w.pt")
+    blob = (tmp_path / "w.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_file(tmp_path / "cut.pt")
+    one_line(e, "cut.pt", "not a readable checkpoint")
+
+
+def test_damaged_checkpoint_in_a_run_is_named_and_older_ones_kept(tmp_path):
+    run = tmp_path / "r"
+    train(cfg_(), src(), run)
+    f = run / "step_0000004" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])          # outside damage (bad disk, partial copy)
+    with pytest.raises(CheckpointError) as e:
+        train(cfg_(steps=6), src(), run)
+    one_line(e, "cannot resume", "step_0000004", "move", "step_0000002")
+    assert (run / "step_0000002" / "state.pt").is_file()
+
+
+def test_bad_reference_statistics_are_one_line(tmp_path):
+    from d2c.metrics import MetricsError, _load_stats
+    cases = {"keys.npz": dict(mean=np.zeros(4), cov=np.eye(4)), "shape.npz": dict(mu=np.zeros(4), sigma=np.eye(3)),
+             "nan.npz": dict(mu=np.full(4, np.nan), sigma=np.eye(4))}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+    np.savez(tmp_path / "ok.npz", mu=np.zeros(4), sigma=np.eye(4))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:200])
+    for name, needle in (("keys.npz", "wrong keys"), ("shape.npz", "wrong shapes"), ("nan.npz", "NaN"),
+                         ("cut.npz", "unreadable"), ("none.npz", "missing")):
+        with pytest.raises(MetricsError) as e:
+            _load_stats(tmp_path / name, 4)
+        one_line(e, name, needle)
+    with pytest.raises(MetricsError) as e:
+        _load_stats(tmp_path / "ok.npz", 8)        # statistics of another feature extractor
+    one_line(e, "wrong shapes")
+
+
+def test_out_of_range_labels_and_ids_at_the_api():
+    from d2c.sampling import d2c_sample
+    gpt, vq = d2c.build("gpt_tiny").eval(), d2c.build("vq_tiny").eval()
+    mar, kl = d2c.build("mar_tiny", fusion="qformer").eval(), d2c.build("kl_tiny").eval()
+    for labels in ([0, 10], [-1]):
+        for models in (dict(gpt=gpt, vq=vq), dict(mar=mar, kl=kl), dict(gpt=gpt, mar=mar, kl=kl)):
+            with pytest.raises(ValueError) as e:
+                d2c_sample(labels, steps=2, **models)
+            one_line(e, "labels must be in [0, 9]")
+    with pytest.raises(ValueError) as e:
+        gpt(torch.full((1, 64), 512), torch.tensor([0]))
+    one_line(e, "[0, 511]")
+    with pytest.raises(ValueError) as e:
+        mar.train()(torch.randn(1, 4, 8, 8), torch.tensor([0]), codes=torch.full((1, 64), 600))
+    one_line(e, "600")
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path):
+    """CLI contract: `error: <one line>` on stderr, exit status 2, no traceback."""
+    for args in (["-m", "d2c.demo", "--steps", "0", "--out", str(tmp_path / "demo")],
+                 ["-m", "d2c.pipeline", "--root", str(tmp_path / "p"), "--families", "mar,nope"],
+                 ["-m", "d2c.pipeline", "--root", str(tmp_path / "p"), "--steps", "8,x"]):
+        p = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=300)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, p.stderr)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "demo").exists()   # failed before any work
+
+
+def test_exit_on_user_error_covers_d2c_error_types(capsys, monkeypatch):
+    from d2c.cli import exit_on_user_error
+    from d2c.data.cache import CacheError
+    from d2c.data.imagefolder import DataError
+    from d2c.metrics import MetricsError
+    monkeypatch.delenv("D2C_TRACEBACK", raising=False)
+    for exc in (CheckpointError("a.safetensors: bad"), DataError("x"), MetricsError("y"), CacheError("z"),
+                ValueError("steps=0; allowed: integers >= 1"), NonFiniteLoss("nan at step 3"),
+                FileNotFoundError(2, "No such file", "ckpt"), ValueError("two\nlines")):
+        with pytest.raises(SystemExit) as e, exit_on_user_error():
+            raise exc
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    with pytest.raises(KeyError), exit_on_user_error():   # a bug keeps its traceback
+        raise KeyError("bug")
+
+
+# ================================================================================= 4. security
+
+
+class _Evil:
+    """Unpickling this runs code that writes the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    sd = d2c.build("gpt_tiny").state_dict()
+    torch.save({"model": sd, "hook": _Evil(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as e:
+        d2c.load_pretrained("gpt_tiny", tmp_path / "evil.pt")
+    one_line(e, "evil.pt", "refused")
+    assert not marker.exists()
+    # the same payload as a run's state.pt: resuming refuses it too
+    run = tmp_path / "r"
+    train(cfg_(), src(), run)
+    torch.save({"step": 4, "optimizer": _Evil(marker)}, run / "step_0000004" / "state.pt")
+    with pytest.raises(CheckpointError) as e:
+        train(cfg_(steps=6), src(), run)
+    one_line(e, "state.pt", "refused")
+    # and as an object array in reference statistics (np.load allow_pickle=False)
+    from d2c.metrics import MetricsError, _load_stats
+    arr = np.empty(1, dtype=object)
+    arr[0] = _Evil(marker)
+    np.savez(tmp_path / "evil.npz", mu=arr, sigma=np.eye(1))
+    with pytest.raises(MetricsError) as e:
+        _load_stats(tmp_path / "evil.npz", None)
+    one_line(e, "evil.npz")
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Evil(marker)))      # control: the payload does work when unpickled
+    assert marker.exists()
+
+
+def test_no_unsafe_deserialisation_in_the_code():
+    """Static audit: every torch.load in our code passes weights_only=True; no pickle loads,
+    allow_pickle=True or weights_only=False anywhere."""
+    bad = []
+    for base in ("core", "ablations", "reports", "bench", "slurm"):
+        for f in (ROOT / base).rglob("*.py"):
+            text = f.read_text(errors="replace")
+            for m in re.finditer(r"torch\.load\(", text):
+                depth, i = 1, m.end()             # the whole call, nested parentheses included
+                while depth and i < len(text):
+                    depth += {"(": 1, ")": -1}.get(text[i], 0)
+                    i += 1
+                if "weights_only=True" not in text[m.end():i]:
+                    bad.append(f"{f.relative_to(ROOT)}: {text[m.start():i]}")
+            for pat in (r"pickle\.loads?\(", r"allow_pickle\s*=\s*True", r"weights_only\s*=\s*False",
+                        r"yaml\.load\((?![^)]*SafeLoader)", r"yaml\.unsafe_load"):
+                bad += [f"{f.relative_to(ROOT)}: {m.group(0)}" for m in re.finditer(pat, text)]
+    assert not bad, bad
+
+
+# ============================================================================== 5. determinism
+
+
+def test_training_is_bit_identical(tmp_path):
+    cfg = cfg_(stage="mar", preset="mar_tiny", steps=2, overrides={"fusion": "qformer"})
+    for name in ("a", "b"):
+        train(cfg, src(), tmp_path / name, extra_batch={"latent_scale": 1.0})
+    assert_same(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_samples_are_bit_identical_for_a_seed():
+    from d2c.sampling import d2c_sample
+    torch.manual_seed(1)
+    gpt, vq, kl = d2c.build("gpt_tiny").eval(), d2c.build("vq_tiny").eval(), d2c.build("kl_tiny").eval()
+    mar = d2c.build("mar_tiny", fusion="qformer", num_sampling_steps=4).eval()
+    labels = torch.arange(2)
+    for models in (dict(gpt=gpt, mar=mar, kl=kl), dict(gpt=gpt, vq=vq)):   # D2C (both stages), LlamaGen
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(12345 + len(runs))      # the global RNG must not matter
+            runs.append(d2c_sample(labels, seed=7, steps=2, cfg=2.0, **models))
+        assert torch.equal(runs[0].images, runs[1].images) and torch.equal(runs[0].codes, runs[1].codes)
+        if "mar" in models:
+            assert torch.equal(runs[0].latents, runs[1].latents)
+            assert not torch.equal(runs[0].images, d2c_sample(labels, seed=8, steps=2, cfg=2.0, **models).images)
+
+
+def test_metrics_are_bit_identical(tmp_path):
+    """Same images, same config -> the same numbers, also when the feature net is retrained
+    from scratch in another cache folder."""
+    from d2c import metrics as M
+    from d2c.data.shapes import make_shapes
+    net_cfg = M.FeatureNetConfig(n_train=256, steps=10, batch_size=32)
+    images, labels = make_shapes(120, seed=3)
+    ref, _ = make_shapes(120, seed=4)
+    out = []
+    for cache in ("c1", "c2"):
+        kw = dict(cache_dir=tmp_path / cache, feature_net=net_cfg)
+        m = M.compute_metrics(images, reference=ref, kid_subset_size=50, isc_splits=2, **kw)
+        m["class_accuracy"] = M.class_accuracy(images, labels, cfg=net_cfg, cache_dir=tmp_path / cache)
+        out.append(m)
+    assert out[0] == out[1] and all(np.isfinite(v) for v in out[0].values())
