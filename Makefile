@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-run: install            ## the main job on the embedded default
+run: install            ## the main job: the embedded-default comparison (trains, samples, measures)
+	$(PY) ablations/run.py
+
+demo: install           ## seconds: random tiny models through every sampler
 	$(PY) -m d2c.demo
 
 test: install           ## the whole suite, slow tests included (CI runs this)

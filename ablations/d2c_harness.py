@@ -42,8 +42,8 @@ DEFAULT_AXES = ("model", "fusion", "steps")   # axes DEFAULT_SWEEP sets; giving 
 # The embedded-default comparison: what `python ablations/run.py` (no axis given) runs.
 DEFAULT_SWEEP = (
     ("model=llamagen",),
-    ("model=mar", "steps=8,32"),
-    ("model=d2c", "fusion=cross_attn,qformer", "steps=8,32"),
+    ("model=mar", "steps=16,64"),
+    ("model=d2c", "fusion=cross_attn,qformer", "steps=16,64"),
 )
 
 
