@@ -34,7 +34,12 @@ ABLATIONS = Path(__file__).resolve().parent
 MODELS = ("d2c", "mar", "llamagen")
 FUSIONS = ("none", "cross_attn", "qformer")
 RECIPES = ("small", "tiny")
-FAULTS = ("raise", "exit")   # test hooks: a cell that raises, a job process that dies
+# test hooks: a cell that raises, a job process that dies, a cell that raises when seed % 5 == 0
+# (one cell in five of a seed sweep: the load test's failure pattern)
+FAULTS = ("raise", "exit", "raise_if_seed_mod5")
+# Hydra instantiates `_target_` classes (launcher, sweeper): only ours, Hydra's built-in ones and d2c's
+TARGET_PREFIXES = ("d2c.", "hydra_plugins.d2c_ablations.", "hydra._internal.core_plugins.")
+RESULT_SUBDIRS = ("records", "grids", "ckpt", "cache", "hydra")   # what a sweep writes under results_dir
 GPT_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "gpt")
 DATA_OPTIONS = ("shapes", "shapes_tiny", "imagefolder")
 
@@ -66,7 +71,7 @@ class RunConfig:
     results_dir: str = "results"             # records/, grids/, ckpt/, cache/
     device: Optional[str] = None             # None: cuda if available, else cpu
     threads: Optional[int] = None            # torch threads (None: torch's default)
-    fault: Optional[str] = None              # test hook: raise | exit
+    fault: Optional[str] = None              # test hook: raise | exit | raise_if_seed_mod5
 
 
 AXES = ("model", "fusion", "discrete_model", "steps", "diffusion_steps", "cfg", "temperature",
@@ -92,6 +97,7 @@ def allowed(key: str) -> str:
         "train_steps": "integers >= 1 or null", "batch_size": "integers >= 1",
         "results_dir": "a folder path", "device": "cpu, cuda, cuda:N or null",
         "threads": "integers >= 1 or null", "fault": ", ".join(FAULTS) + " or null",
+        "_target_": "classes in " + ", ".join(p + "*" for p in TARGET_PREFIXES),
     }.get(key, "keys " + ", ".join(KEYS) + ", data.<field>, hydra/launcher=..., hydra.launcher.<field>")
 
 
@@ -138,6 +144,7 @@ def resolve(cfg) -> dict:
     else:
         c = dict(cfg)
     c.pop("hydra", None)
+    check_no_targets(c)
     unknown = sorted(set(c) - set(KEYS))
     if unknown:
         raise ConfigError(unknown[0], c[unknown[0]], "unknown key")
@@ -191,8 +198,57 @@ def resolve(cfg) -> dict:
         c["discrete_model"] = None
     elif c["discrete_model"] is None:
         c["discrete_model"] = recipe_stages(c["recipe"])["gpt"].preset
-    c["results_dir"] = str(Path(c["results_dir"]).expanduser().resolve())
+    c["results_dir"] = str(check_results_dir(c["results_dir"]).resolve())
     return c
+
+
+# --------------------------------------------------------------------------- security checks
+
+
+def check_no_targets(node, where: str = "") -> None:
+    """A cell config never instantiates anything: a `_target_` anywhere in it is refused (the
+    typed schema has none; one there came from a crafted config or override)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = f"{where}.{k}" if where else str(k)
+            if k == "_target_":
+                raise ConfigError(key, v, message=f"{key}={v}: a run config instantiates nothing; "
+                                                  "_target_ keys are not allowed")
+            check_no_targets(v, key)
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            check_no_targets(v, f"{where}[{i}]")
+
+
+def check_target(key: str, target) -> None:
+    """Hydra instantiates the launcher / sweeper from their `_target_`: only classes of d2c, of
+    this harness's plugin and Hydra's own core plugins (basic launcher / sweeper)."""
+    if not isinstance(target, str) or not target.startswith(TARGET_PREFIXES):
+        raise ConfigError("_target_", target, message=f"{key}={target}: refusing to instantiate it; "
+                                                       f"allowed: {allowed('_target_')}")
+
+
+def check_results_dir(value) -> Path:
+    """results_dir without '..' components: it is the declared root of everything a sweep writes,
+    so it must say where it is (an absolute path is fine), not climb out of somewhere else."""
+    raw = str(value)
+    if not raw.strip() or "\0" in raw:
+        raise ConfigError("results_dir", value, "empty or not a path")
+    if ".." in Path(raw).parts:
+        raise ConfigError("results_dir", value, "'..' components are not allowed (they can point outside "
+                                                "the declared root); give the folder itself, e.g. an absolute path")
+    return Path(raw).expanduser()
+
+
+def check_results_tree(results_dir) -> None:
+    """Before anything runs: every folder the sweep writes under results_dir is a real folder
+    inside it (a symlink there, e.g. records -> /tmp/elsewhere, is refused: one line, exit 2)."""
+    from d2c.results import RecordError, safe_subdir
+    for name in RESULT_SUBDIRS:
+        try:
+            safe_subdir(results_dir, name, create=False)
+        except RecordError as e:
+            raise ConfigError("results_dir", results_dir, message=f"results_dir={results_dir}: {e}") from None
 
 
 def family_of(c: dict) -> str:
@@ -429,8 +485,8 @@ def run_cell(c: dict, cell_id: str, train_key: str, log=print) -> dict:
             torch.set_num_threads(c["threads"])
         if c["fault"] == "exit":
             os._exit(17)        # a job that dies without a record (tests the launcher's reporting)
-        if c["fault"] == "raise":
-            raise RuntimeError("fault injected by fault=raise")
+        if c["fault"] == "raise" or (c["fault"] == "raise_if_seed_mod5" and c["seed"] % 5 == 0):
+            raise RuntimeError(f"fault injected by fault={c['fault']}")
         pipe = Pipeline(build_recipe(c), root=results, device=c["device"], log=log)
         if world > 1:   # every rank in the process group before the first stage (see pipeline._stage_lock)
             from d2c.train import init_distributed
@@ -445,7 +501,8 @@ def run_cell(c: dict, cell_id: str, train_key: str, log=print) -> dict:
                      cfg=c["cfg"], temperature=c["temperature"], diffusion_steps=c["diffusion_steps"],
                      seed=c["seed"], progress=False)
         imgs = r["images"]
-        grid = results / "grids" / f"{cell_id}.png"
+        from d2c.results import check_cell_id, safe_subdir
+        grid = safe_subdir(results, "grids") / f"{check_cell_id(cell_id)}.png"
         save_grid(imgs[:: max(1, len(imgs) // 100)][:100], grid, nrow=10)
         rec.update(status="ok", metrics={k: float(v) for k, v in r["metrics"].items()}, speed=r["speed"],
                    grid=str(grid.relative_to(results)))
@@ -505,6 +562,9 @@ def print_summary(cells: list[dict], results_dir, out=sys.stdout) -> int:
         print(df.to_string(index=False), file=out)
     ok = len(recs) - bad
     results_dir = Path(results_dir)
+    for cell, rec in zip(cells, recs):   # every failure on its own line, with its axes and error
+        if rec["status"] != "ok":
+            print(f"failed: {cell['cell_id'][:8]} {describe(cell['config'])}: {rec.get('error') or ''}", file=out)
     print(f"{ok} ok, {bad} failed of {len(recs)} cells; records: {results_dir / 'records'}  "
           f"grids: {results_dir / 'grids'}  (schema: core/d2c/results.py)", file=out, flush=True)
     return bad

@@ -9,7 +9,9 @@
 Axes: model, fusion, discrete_model, steps, diffusion_steps, cfg, temperature, num_images,
 data, seed (and recipe, train_steps, results_dir, ...: see ablations/d2c_harness.py RunConfig).
 Every cell of the sweep is composed and checked before anything runs: a bad key, value or
-combination prints `error: <key>=<value>: ... allowed: ...` and exits with status 2.
+combination prints `error: <key>=<value>: ... allowed: ...` and exits with status 2 (the
+d2c.cli.exit_on_user_error contract); so do a `_target_` outside d2c / this harness's plugins,
+a results_dir with '..' components and a symlink in the results tree (records -> elsewhere).
 One record per cell in <results_dir>/records/<cell_id>.json (schema: core/d2c/results.py);
 finished cells are skipped when the sweep runs again.  Exit status 1 if any cell failed.
 """
@@ -51,14 +53,23 @@ def task(cfg: DictConfig):
 
 def _validate(args: list[str]) -> None:
     from hydra import compose, initialize_config_dir
+    for a in args:   # nothing from the command line chooses what Hydra instantiates
+        key, _, value = a.partition("=")
+        if "_target_" in key:
+            H.check_target(key.lstrip("+~"), value)
     with initialize_config_dir(config_dir=str(HERE / "conf"), version_base=None):
         cells = H.plan(args)
         hydra_args = [a for a in args if a.lstrip("+~").startswith("hydra")]
-        if hydra_args:
-            try:
-                compose(config_name="config", overrides=hydra_args + cells[0]["overrides"], return_hydra_config=True)
-            except Exception as e:
-                raise H.hydra_error(e, hydra_args) from None
+        try:
+            hc = compose(config_name="config", overrides=hydra_args + cells[0]["overrides"],
+                         return_hydra_config=True).hydra
+        except Exception as e:
+            raise H.hydra_error(e, hydra_args) from None
+        # the launcher and sweeper Hydra will instantiate (presets in slurm/conf included)
+        for node in ("launcher", "sweeper"):
+            H.check_target(f"hydra.{node}._target_", hc[node].get("_target_"))
+        for results_dir in {c["config"]["results_dir"] for c in cells}:
+            H.check_results_tree(results_dir)
 
 
 def _environment() -> None:
@@ -77,14 +88,17 @@ def main(argv=None) -> int:
         sys.argv = [sys.argv[0], *args]
         task()
         return 0
-    # absolute results_dir: jobs may start in another directory
-    rd = next((a.partition("=")[2] for a in args if a.startswith("results_dir=")), "results")
-    args = [a for a in args if not a.startswith("results_dir=")] + [f"results_dir={Path(rd).expanduser().resolve()}"]
+    from d2c.cli import exit_on_user_error
     try:
-        _validate(args)
-    except H.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        # user errors (H.ConfigError is a ValueError): one line `error: ...`, exit 2
+        with exit_on_user_error():
+            # absolute results_dir: jobs may start in another directory ('..' refused before resolving)
+            rd = next((a.partition("=")[2] for a in args if a.startswith("results_dir=")), "results")
+            rd = H.check_results_dir(rd).resolve()
+            args = [a for a in args if not a.startswith("results_dir=")] + [f"results_dir={rd}"]
+            _validate(args)
+    except SystemExit as e:
+        return e.code
     sys.argv = [sys.argv[0], "--multirun", *args]
     task()
     sweep = getattr(H, "LAST_SWEEP", None)

@@ -2,8 +2,12 @@
 
 Layout: `<results_dir>/records/<cell_id>.json`, one JSON object per file, written atomically
 (temp file, fsync, rename).  One file per cell makes concurrent writers (SLURM array jobs)
-safe without a lock and makes "is this cell finished?" a file-exists check; a crash leaves
-either no file or the whole one.
+safe without a lock and makes "is this cell finished?" a file-exists check; a crash (even
+SIGKILL mid-write) leaves either the previous file or the whole new one, plus at most a hidden
+`.<cell_id>.json.tmp-<host>-<pid>` that readers never count and the next write removes (its
+writer is dead on this host, or it is older than STALE_TMP_S).
+A cell id is one file-name component (no separators, no leading dot), and `records/` must be
+a real folder inside `results_dir` (a symlink there is refused, never written through).
 
 Schema version 1 (`SCHEMA_VERSION`), keys of a record:
 
@@ -34,15 +38,21 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import socket
 import subprocess
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from d2c.checkpoint import atomic_write_text
+from d2c.checkpoint import fsync_path
 
 SCHEMA_VERSION = 1
 REQUIRED = ("schema", "cell_id", "status", "family", "config")
 STATUSES = ("ok", "failed")
+# one file-name component: no '/', no '\\', no leading '.' (so never '..', never a hidden temp name)
+CELL_ID = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,159}")   # + ".json" + temp suffix < 255
+STALE_TMP_S = 60.0   # a record is a few KB: a temp file this old belongs to a writer that died
 
 
 class RecordError(ValueError):
@@ -53,16 +63,98 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def check_cell_id(cell_id) -> str:
+    """A cell id names files (records/<id>.json, grids/<id>.png): one plain path component."""
+    if not isinstance(cell_id, str) or not CELL_ID.fullmatch(cell_id):
+        raise RecordError(f"cell_id={cell_id!r}: not a plain file name (allowed: up to 160 characters without "
+                          f"'/', '\\' or control characters, not starting with '.')")
+    return cell_id
+
+
 def record_path(results_dir, cell_id: str) -> Path:
-    return Path(results_dir) / "records" / f"{cell_id}.json"
+    return Path(results_dir) / "records" / f"{check_cell_id(cell_id)}.json"
+
+
+def safe_subdir(results_dir, name: str, create: bool = True) -> Path:
+    """`results_dir/name` as a real folder inside results_dir: a symlink (or anything resolving
+    outside results_dir) is refused with a one-line RecordError, so no write follows a link out
+    of the results tree."""
+    root = Path(results_dir)
+    sub = root / name
+    if sub.is_symlink():
+        raise RecordError(f"{sub} is a symlink (to {os.readlink(sub)}); refusing to write through it: "
+                          f"make it a real folder inside {root}")
+    if sub.exists():
+        if not sub.is_dir():
+            raise RecordError(f"{sub} exists and is not a folder")
+        if not sub.resolve().is_relative_to(root.resolve()):
+            raise RecordError(f"{sub} resolves to {sub.resolve()}, outside {root.resolve()}; refusing to write there")
+    elif create:
+        sub.mkdir(parents=True, exist_ok=True)
+    return sub
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True   # someone else's process (or not a pid): assume alive
+    return True
+
+
+def _clean_stale_tmp(folder: Path, now: float | None = None) -> None:
+    """Remove temp files of writers that died mid-write (SIGKILL, OOM, node loss): those of a
+    dead pid on this host, and any older than STALE_TMP_S (a writer on another node: its pid
+    means nothing here, so only age tells).  A live writer's temp file is never touched."""
+    now = time.time() if now is None else now
+    host = socket.gethostname()
+    for p in folder.glob(".*.json.tmp*"):
+        who, _, pid = p.name.rpartition(".tmp-")[2].rpartition("-")
+        try:
+            dead_here = who == host and pid.isdigit() and not _pid_alive(int(pid))
+            if dead_here or now - p.lstat().st_mtime > STALE_TMP_S:
+                p.unlink()
+        except FileNotFoundError:   # another writer cleaned it first
+            pass
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Temp file beside `path` (O_EXCL | O_NOFOLLOW: never writes through a planted link), fsync,
+    rename over `path`, fsync the folder: readers see the old file or the new one, never half."""
+    tmp = _tmp_name(path)
+    try:
+        tmp.unlink()   # our own pid's leftover (pid reuse); unlinking a link never touches its target
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)   # replaces a symlink at `path` itself, never its target
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_path(path.parent)
 
 
 def write_record(results_dir, record: dict) -> Path:
     """Validate and write atomically; an existing record of the same cell is replaced whole."""
     check_record(record, source="record to write")
+    folder = safe_subdir(results_dir, "records")
     path = record_path(results_dir, record["cell_id"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, sort_keys=True, default=_json_default) + "\n")
+    _clean_stale_tmp(folder)
+    _atomic_write(path, json.dumps(record, sort_keys=True, default=_json_default) + "\n")
     return path
 
 
@@ -74,6 +166,10 @@ def check_record(rec, source: str = "record") -> dict:
         raise RecordError(f"{source}: missing key(s) {missing}")
     if rec["schema"] != SCHEMA_VERSION:
         raise RecordError(f"{source}: schema={rec['schema']!r}; this code reads schema {SCHEMA_VERSION}")
+    try:
+        check_cell_id(rec["cell_id"])
+    except RecordError as e:
+        raise RecordError(f"{source}: {e}") from None
     if rec["status"] not in STATUSES:
         raise RecordError(f"{source}: status={rec['status']!r}; allowed: {', '.join(STATUSES)}")
     for k in ("config", "metrics", "speed"):
@@ -93,12 +189,15 @@ def read_record(path) -> dict:
 
 def read_records(results_dir, on_bad=None) -> list[dict]:
     """Every valid record under `results_dir/records` (sorted by file name).  A malformed file is
-    passed to `on_bad(RecordError)` (default: ignored) and skipped, never raised."""
+    passed to `on_bad(RecordError)` (default: ignored) and skipped, never raised.  Hidden files
+    (the `.<id>.json.tmp-<host>-<pid>` of an interrupted write) are not records and are not looked at."""
     folder = Path(results_dir) / "records"
     out = []
     if not folder.is_dir():
         return out
     for p in sorted(folder.glob("*.json")):
+        if p.name.startswith("."):
+            continue
         try:
             out.append(read_record(p))
         except RecordError as e:

@@ -8,6 +8,12 @@ when `ablations/` is on sys.path, which `ablations/run.py` arranges, also for it
                              the stock hydra-submitit-launcher configs with a launcher that waits
                              for every job, prints state changes, and turns a job that died (killed,
                              cancelled, node failure) into a failed result instead of raising.
+                             The job callable follows submitit's checkpoint protocol: on the
+                             timeout / preemption signal (USR2) training checkpoints at the end
+                             of its step (d2c.train.request_stop), then checkpoint() returns a
+                             DelayedSubmission of the same cell and submitit requeues it; the
+                             requeued job resumes from that checkpoint.  SIGTERM (scancel, SLURM
+                             preemption) checkpoints too (d2c.train) and exits without a record.
   search path                slurm/conf (launcher presets such as hydra/launcher=local_cluster).
 """
 import os
@@ -55,9 +61,46 @@ def ensure_sacct() -> None:
 
 class _Robust:
     """launch() of the stock submitit launchers, except that it waits for every job, prints each
-    job's state changes, and returns a failed JobReturn for a job that ended without a result."""
+    job's state changes, and returns a failed JobReturn for a job that ended without a result.
+    The job callable (__call__, checkpoint) handles preemption; see the module docstring."""
 
     poll_s = 2.0
+
+    def __call__(self, *args):
+        """One job = one cell.  submitit's own USR2 handler would checkpoint + requeue + exit at
+        once, mid training step; ours asks d2c.train to stop after its current step with a
+        checkpoint (Preempted), and only then hands over to submitit's handler (which calls
+        self.checkpoint() and requeues).  A USR2 outside training lets the cell finish (sampling
+        is short; the next training stage, if any, stops at its first step)."""
+        import signal
+        import d2c.train as T
+        usr = signal.SIGUSR2
+        got = []
+
+        def on_usr(signum, frame):
+            got.append(signum)
+            T.request_stop()
+        try:
+            submitit_handler = signal.signal(usr, on_usr)
+        except ValueError:   # not the main thread (in-process tests): no signal handling
+            return super().__call__(*args)
+        try:
+            return super().__call__(*args)
+        except T.Preempted:
+            if got and callable(submitit_handler):
+                print(f"preempted (signal {signal.Signals(got[0]).name}): checkpoint written; requeuing", flush=True)
+                signal.signal(usr, submitit_handler)
+                submitit_handler(got[0], None)   # checkpoint() + requeue + exit (rank 0; returns on others)
+            raise   # SIGTERM (scancel / SLURM preemption): exit 143 without a record; a rerun resumes
+        finally:
+            signal.signal(usr, submitit_handler)
+            T._stop.clear()   # a stop requested outside training must not leak into a later job
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's checkpoint protocol: requeue this same callable with the same cell (the
+        training checkpoint on disk is the state; the cell's overrides are the arguments)."""
+        import submitit
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
@@ -151,6 +194,8 @@ class D2CSweeper(Sweeper):
     def setup(self, *, hydra_context, task_function, config) -> None:
         from hydra.core.plugins import Plugins
         self.config, self.hydra_context = config, hydra_context
+        import d2c_harness as H
+        H.check_target("hydra.launcher._target_", config.hydra.launcher.get("_target_"))   # also when not via run.py
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
