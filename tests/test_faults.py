@@ -159,8 +159,11 @@ def test_usr2_in_job_checkpoints_training_then_hands_over_to_submitit(tmp_path, 
     checkpoints (Preempted), then submitit's own handler runs (it calls checkpoint() and
     requeues); handlers and the stop flag are restored afterwards."""
     import d2c.train as T
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
     from test_reliability import cfg_, src
+
+    # the stock launcher class our launcher calls through super(): taken from the MRO, because
+    # Hydra's plugin scan may have re-imported its module (a fresh class object) in this process
+    LocalLauncher = next(c for c in type(_launcher()).__mro__ if c.__name__ == "LocalLauncher")
 
     calls = []
 

@@ -27,21 +27,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1",
        "PYTHONPATH": os.pathsep.join([str(ROOT / "core"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
 
 
-class MemoryCache:
-    """In-memory stand-in for TokenCache (codes / moments per flip), as in test_train."""
-
-    def __init__(self, n=32, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.codes = torch.randint(0, 512, (n, 2, 8, 8), generator=g)
-        self.moments = torch.randn(n, 2, 8, 8, 8, generator=g) * 0.5
-        self.labels = torch.randint(0, 10, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def get_batch(self, idx, flip):
-        f = flip.long()
-        return {"codes": self.codes[idx, f], "moments": self.moments[idx, f], "labels": self.labels[idx]}
+from test_train import MemoryCache  # noqa: E402  (in-memory TokenCache stand-in)
 
 
 def cfg_(**kw):
@@ -53,7 +39,7 @@ def cfg_(**kw):
 
 
 def src():
-    return TokenSource(MemoryCache())
+    return TokenSource(MemoryCache(n=32))
 
 
 def weights(run, ema=False):

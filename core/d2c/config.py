@@ -112,6 +112,7 @@ class MARConfig:
     diffloss_w: int = 1024
     num_sampling_steps: int = 100      # respaced DDPM steps at sampling time
     diffusion_batch_mul: int = 4
+    clip_x0: Optional[float] = None    # sampling: bound on the head's pred_x0 (None = MAR, unclipped)
     grad_checkpointing: bool = False
     fusion: FusionConfig = field(default_factory=FusionConfig)
 
@@ -210,6 +211,7 @@ PRESETS: dict[str, object] = {
                            decoder_num_heads=4, vae_embed_dim=4, class_num=10, buffer_size=16,
                            attn_dropout=0.0, proj_dropout=0.0, diffloss_d=3, diffloss_w=128,
                            num_sampling_steps=50, diffusion_batch_mul=1,  # CPU budget: head is 2/3 of a step
+                           clip_x0=5.0,   # latents are unit-std; unclipped, a 400-step head diverges
                            fusion=FusionConfig(codebook_size=256, d_fuse=128, num_heads=4,
                                                num_queries=16, depth=2)),
 }

@@ -172,8 +172,12 @@ class GaussianDiffusion:
         return mean, self._coef("posterior_variance", t, xt), self._coef("posterior_log_variance_clipped", t, xt)
 
     # -- reverse process from a model output
-    def p_mean_variance(self, out, x, t):
-        """Split out = [eps, v]; return (mean, log_variance, pred_x0) of p(x_{t-1} | x_t)."""
+    def p_mean_variance(self, out, x, t, clip_x0: float | None = None):
+        """Split out = [eps, v]; return (mean, log_variance, pred_x0) of p(x_{t-1} | x_t).
+        clip_x0: clamp pred_x0 to [-clip_x0, clip_x0] (guided-diffusion's clip_denoised with a
+        bound; MAR samples unclipped).  At t = T-1 the cosine schedule's beta = 0.999 makes
+        pred_x0 = x / sqrt(abar) amplify eps errors ~1e4x: an under-trained head (a few hundred
+        CPU steps) then diverges (measured: sampled latents std ~1600 for unit-std data)."""
         c = x.shape[1]
         eps, v = out[:, :c], out[:, c:]
         min_log = self._coef("posterior_log_variance_clipped", t, x)
@@ -182,6 +186,8 @@ class GaussianDiffusion:
         log_var = frac * max_log + (1 - frac) * min_log                # IDDPM eq. 15
         pred_x0 = self._coef("sqrt_recip_alphas_cumprod", t, x) * x - \
             self._coef("sqrt_recipm1_alphas_cumprod", t, x) * eps
+        if clip_x0 is not None:
+            pred_x0 = pred_x0.clamp(-clip_x0, clip_x0)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x, t)     # DDPM eq. 7 with x0 := pred
         return mean, log_var, pred_x0
 
@@ -206,16 +212,17 @@ class GaussianDiffusion:
         mse = _mean_flat((noise - eps) ** 2)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
-    def p_sample(self, model_fn: Callable, x, t, *, temperature: float = 1.0, generator=None):
+    def p_sample(self, model_fn: Callable, x, t, *, temperature: float = 1.0, generator=None,
+                 clip_x0: float | None = None):
         """One ancestral step x_t -> x_{t-1}; the noise std is multiplied by `temperature`."""
         out = model_fn(x, self._model_t(t))
-        mean, log_var, _ = self.p_mean_variance(out, x, t)
+        mean, log_var, _ = self.p_mean_variance(out, x, t, clip_x0)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))   # no noise at the last step
         return mean + nonzero * torch.exp(0.5 * log_var) * (temperature * noise)
 
     def p_sample_loop(self, model_fn: Callable, noise, *, temperature: float = 1.0, generator=None,
-                      progress: bool = False):
+                      progress: bool = False, clip_x0: float | None = None):
         """Run all `num_timesteps` reverse steps from x_T = noise."""
         x = noise
         steps = range(self.num_timesteps - 1, -1, -1)
@@ -224,7 +231,7 @@ class GaussianDiffusion:
             steps = tqdm(steps, leave=False)
         for i in steps:
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-            x = self.p_sample(model_fn, x, t, temperature=temperature, generator=generator)
+            x = self.p_sample(model_fn, x, t, temperature=temperature, generator=generator, clip_x0=clip_x0)
         return x
 
 

@@ -312,6 +312,11 @@ def _overrides_from_json(model_cfg: dict, preset: str) -> dict:
     base = make_config(preset)
     out = {}
     for f in dataclasses.fields(base):
+        if f.name not in model_cfg:
+            # a field added after this run was saved: its class default is the behaviour the run had
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            continue
         v = model_cfg[f.name]
         if isinstance(getattr(base, f.name), tuple) and isinstance(v, list):
             v = tuple(v)

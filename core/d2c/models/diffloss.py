@@ -132,9 +132,10 @@ class DiffLoss(nn.Module):
     """Diffusion loss and sampler for one token given its condition z."""
 
     def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
-                 num_sampling_steps=100, grad_checkpointing: bool = False):
+                 num_sampling_steps=100, grad_checkpointing: bool = False, clip_x0: float | None = None):
         super().__init__()
         self.in_channels = target_channels
+        self.clip_x0 = clip_x0
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth,
                                   grad_checkpointing=grad_checkpointing)   # 2C: [eps, v] (learned sigma)
         self.num_sampling_steps = int(num_sampling_steps)
@@ -191,7 +192,7 @@ class DiffLoss(nn.Module):
         dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         noise = torch.randn((n, c), generator=generator, device=z.device, dtype=dtype)
         x = diffusion.p_sample_loop(model_fn, noise, temperature=temperature, generator=generator,
-                                    progress=progress)
+                                    progress=progress, clip_x0=self.clip_x0)
         return torch.cat([x, x]) if guided else x
 
     # ------------------------------------------------------------------ fused / compiled / graph
@@ -233,6 +234,7 @@ class DiffLoss(nn.Module):
         x = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
         cfg_t = torch.full((), float(cfg), device=device, dtype=dtype)
         temp_t = torch.full((), float(temperature), device=device, dtype=dtype)
+        clip_t = torch.full((), float(self.clip_x0 or math.inf), device=device, dtype=dtype)
         steps = range(diffusion.num_timesteps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm
@@ -242,7 +244,7 @@ class DiffLoss(nn.Module):
             for i in steps:
                 noise = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
                 i_t = torch.full((1,), i, dtype=torch.long, device=device)
-                x = _fused_step(packed, x, i_t, noise, c_emb, cfg_t, temp_t, tab, tmap, guided, backend)
+                x = _fused_step(packed, x, i_t, noise, c_emb, cfg_t, temp_t, clip_t, tab, tmap, guided, backend)
             return x
 
         # compiled / graph: pad rows to a bucket; padding rows are zeros and are thrown away
@@ -264,7 +266,7 @@ class DiffLoss(nn.Module):
             for i in steps:
                 noise_p[:n] = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
                 i_t = torch.full((1,), i, dtype=torch.long, device=device)
-                xp = fn(packed, xp, i_t, noise_p, cp, cfg_t, temp_t, tab, tmap, guided, backend)
+                xp = fn(packed, xp, i_t, noise_p, cp, cfg_t, temp_t, clip_t, tab, tmap, guided, backend)
             return xp[:n].clone()
 
         g = self._graph(packed, nb, c, cp.shape, dtype, device, guided, backend, tab, tmap)
@@ -272,6 +274,7 @@ class DiffLoss(nn.Module):
         g.c_emb.copy_(cp)
         g.cfg.copy_(cfg_t)
         g.temp.copy_(temp_t)
+        g.clip.copy_(clip_t)
         g.noise.zero_()
         for i in steps:
             g.noise[:n].copy_(torch.randn((n, c), generator=generator, device=device, dtype=dtype))
@@ -304,10 +307,11 @@ def _time_embed(packed, t):
     return F.linear(F.silu(F.linear(emb, packed.te_w1, packed.te_b1)), packed.te_w2, packed.te_b2)
 
 
-def _fused_step(packed, x, i_t, noise, c_emb, cfg, temperature, tab, tmap, guided: bool, backend: str):
+def _fused_step(packed, x, i_t, noise, c_emb, cfg, temperature, clip, tab, tmap, guided: bool, backend: str):
     """One ancestral step x_t -> x_{t-1} (GaussianDiffusion.p_sample with the CFG model_fn of
     DiffLoss.sample), written as one function of tensors so it compiles and graphs whole.
-    i_t (1,) respaced step index; tab rows = _STEP_ARRAYS; cfg, temperature 0-d tensors."""
+    i_t (1,) respaced step index; tab rows = _STEP_ARRAYS; cfg, temperature, clip (bound on
+    pred_x0, inf for none) 0-d tensors."""
     n, c = x.shape
     y = _time_embed(packed, tmap[i_t]).to(c_emb.dtype) + c_emb
     out = adaln_mlp.head_forward(packed, torch.cat([x, x]) if guided else x, y, backend)
@@ -320,7 +324,7 @@ def _fused_step(packed, x, i_t, noise, c_emb, cfg, temperature, tab, tmap, guide
     min_log, max_log, sr, srm1, c1, c2 = co[0:1], co[1:2], co[2:3], co[3:4], co[4:5], co[5:6]
     frac = (v + 1) / 2
     log_var = frac * max_log + (1 - frac) * min_log                    # IDDPM eq. 15
-    pred_x0 = sr * x - srm1 * eps
+    pred_x0 = (sr * x - srm1 * eps).clamp(-clip, clip)
     mean = c1 * pred_x0 + c2 * x                                       # DDPM eq. 7, x0 := pred
     nonzero = (i_t != 0).to(x.dtype).view(1, 1)                        # no noise at the last step
     return mean + nonzero * torch.exp(0.5 * log_var) * (temperature * noise)
@@ -346,7 +350,8 @@ class _GraphStep:
         self.i = torch.ones(1, dtype=torch.long, device=device)
         self.cfg = torch.ones((), device=device, dtype=dtype)
         self.temp = torch.ones((), device=device, dtype=dtype)
-        args = (packed, self.x, self.i, self.noise, self.c_emb, self.cfg, self.temp, tab, tmap, guided, backend)
+        self.clip = torch.full((), math.inf, device=device, dtype=dtype)
+        args = (packed, self.x, self.i, self.noise, self.c_emb, self.cfg, self.temp, self.clip, tab, tmap, guided, backend)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):                  # warm-up: Triton compiles, cuBLAS picks algos

@@ -126,7 +126,8 @@ class MAR(nn.Module):
 
         # diffusion head (own init) and fusion (own zero-init): built after MAR's init
         self.diffloss = DiffLoss(self.token_embed_dim, D, cfg.diffloss_d, cfg.diffloss_w,
-                                 cfg.num_sampling_steps, grad_checkpointing=cfg.grad_checkpointing)
+                                 cfg.num_sampling_steps, grad_checkpointing=cfg.grad_checkpointing,
+                                 clip_x0=cfg.clip_x0)
         self.fusion = None
         if cfg.fusion.kind != "none":
             self.fusion = Fusion(cfg)
