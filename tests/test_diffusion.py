@@ -181,3 +181,38 @@ def test_coefficient_cache_usable_under_autograd_after_inference_mode():
     w = torch.ones(1, requires_grad=True)
     d.training_losses(lambda x, ts: torch.cat([x * w, x * w], 1), x0, t)["loss"].sum().backward()
     assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_clip_x0_bounds_a_wrong_eps_and_is_exact_when_loose():
+    """A head that is badly wrong (an untrained one) makes the unclipped chain blow up through
+    pred_x0 = x / sqrt(abar) at t = T-1; clip_x0 keeps every step's pred_x0, and so the
+    result, at data scale.  A bound no value reaches changes nothing, bit for bit."""
+    d = create_diffusion("50")
+
+    def wrong(x, ts):
+        return torch.cat([-2.0 * x, -torch.ones_like(x)], 1)
+
+    def run(clip, model=wrong):
+        g = torch.Generator().manual_seed(0)
+        return d.p_sample_loop(model, torch.randn(4000, 1, generator=g, dtype=torch.float64),
+                               generator=g, clip_x0=clip)
+
+    assert run(None).abs().max() > 1e3           # the divergence the bound is for
+    assert run(3.0).abs().max() <= 3.0 + 1e-6    # last step: mean = pred_x0, no noise added
+    assert torch.equal(run(1e30, _fixed_model), run(None, _fixed_model))
+
+
+def test_fused_sampler_applies_clip_x0_like_eager():
+    from d2c.models.diffloss import DiffLoss
+    torch.manual_seed(0)
+    dl = DiffLoss(4, 16, 2, 32, num_sampling_steps=10, clip_x0=0.5).eval()
+    for p in dl.parameters():                    # non-zero output layer: eps far from the truth
+        torch.nn.init.normal_(p, std=0.3)
+    z = torch.randn(6, 16)
+    with torch.no_grad():
+        a = dl.sample(z, generator=torch.Generator().manual_seed(1), impl="eager")
+        b = dl.sample(z, generator=torch.Generator().manual_seed(1), impl="fused")
+        dl.clip_x0 = None
+        c = dl.sample(z, generator=torch.Generator().manual_seed(1), impl="eager")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, c)
