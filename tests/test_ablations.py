@@ -225,7 +225,7 @@ def test_default_comparison_tiny(tmp_path, feature_net):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     recs = records(rd)
     fams = sorted((r["family"], r["config"]["steps"] or 0) for r in recs)
-    assert fams == sorted([("llamagen", 0)] + [(f, s) for f in ("mar", "d2c_cross_attn", "d2c_qformer") for s in (8, 32)])
+    assert fams == sorted([("llamagen", 0)] + [(f, s) for f in ("mar", "d2c_cross_attn", "d2c_qformer") for s in (16, 64)])
     assert all(r["status"] == "ok" for r in recs)
     llama = next(r for r in recs if r["family"] == "llamagen")
     assert llama["speed"]["mar_steps"] == 0 and llama["speed"]["ar_steps"] > 0
