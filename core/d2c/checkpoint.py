@@ -96,13 +96,29 @@ def fsync_path(path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path, text: str) -> None:
-    """Temp file beside `path`, fsync, rename: readers see the old or the new text, never half."""
+def atomic_write_text(path, text: str, tmp=None) -> None:
+    """Temp file beside `path` (default `.<name>.tmp<pid>`), fsync, rename over `path`, fsync the
+    folder: readers see the old text or the new, never half.  The temp file is opened O_EXCL |
+    O_NOFOLLOW, so a planted link is never written through; a failed write removes it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.unlink()   # our own pid's leftover (pid reuse); unlinking a link never touches its target
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)   # replaces a symlink at `path` itself, never its target
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
     fsync_path(path.parent)
 
 

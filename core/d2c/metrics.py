@@ -173,10 +173,10 @@ def _blur_half(x_uint8, max_sigma: float, gen) -> torch.Tensor:
     k = torch.exp(-r[None] ** 2 / (2 * sig.clamp_min(1e-3)[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)                                   # (n, 7) separable kernel
     c, h, w = x.shape[1:]
-    xp = torch.nn.functional.pad(x.reshape(1, n * c, h, w), (3, 3, 3, 3), mode="replicate")
+    xp = F.pad(x.reshape(1, n * c, h, w), (3, 3, 3, 3), mode="replicate")
     kk = k.repeat_interleave(c, 0)
-    xp = torch.nn.functional.conv2d(xp, kk[:, None, None, :], groups=n * c)     # along width
-    xp = torch.nn.functional.conv2d(xp, kk[:, None, :, None], groups=n * c)     # along height
+    xp = F.conv2d(xp, kk[:, None, None, :], groups=n * c)     # along width
+    xp = F.conv2d(xp, kk[:, None, :, None], groups=n * c)     # along height
     return xp.reshape(n, c, h, w).round().clamp(0, 255).to(torch.uint8)
 
 

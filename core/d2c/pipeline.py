@@ -56,9 +56,10 @@ def run_key(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def mar_config(recipe: Recipe, family: str) -> TrainConfig:
-    """Stage-2 config of a family: fusion none for MAR, else the fusion in the family name."""
-    base = recipe.stages["mar"]
+def mar_config(recipe: Recipe, family: str, stage: str = "mar") -> TrainConfig:
+    """Stage-2 config of a family (from recipe stage `stage`, "mar" or "mar_trunk"): fusion none
+    for MAR, else the fusion in the family name."""
+    base = recipe.stages[stage]
     kind = "none" if family == "mar" else family.removeprefix("d2c_")
     fusion = {**base.overrides.get("fusion", {}), "kind": kind}
     return dataclasses.replace(base, overrides={**base.overrides, "fusion": fusion})
@@ -160,7 +161,7 @@ class Pipeline:
         scale = self.tokenizer("kl").cfg.scale
         upstream, init = self._upstream(), None
         if "mar_trunk" in self.recipe.stages:
-            trunk = mar_config(Recipe(self.recipe.data, {"mar": self.recipe.stages["mar_trunk"]}), "mar")
+            trunk = mar_config(self.recipe, "mar", stage="mar_trunk")
             init = self._ensure("mar_trunk", trunk, upstream, lambda: TokenSource(self.cache()),
                                 extra={"latent_scale": scale})
             upstream = (*upstream, init.name)

@@ -45,7 +45,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from d2c.checkpoint import fsync_path
+from d2c.checkpoint import atomic_write_text
 
 SCHEMA_VERSION = 1
 REQUIRED = ("schema", "cell_id", "status", "family", "config")
@@ -124,37 +124,13 @@ def _clean_stale_tmp(folder: Path, now: float | None = None) -> None:
             pass
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Temp file beside `path` (O_EXCL | O_NOFOLLOW: never writes through a planted link), fsync,
-    rename over `path`, fsync the folder: readers see the old file or the new one, never half."""
-    tmp = _tmp_name(path)
-    try:
-        tmp.unlink()   # our own pid's leftover (pid reuse); unlinking a link never touches its target
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)   # replaces a symlink at `path` itself, never its target
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_path(path.parent)
-
-
 def write_record(results_dir, record: dict) -> Path:
     """Validate and write atomically; an existing record of the same cell is replaced whole."""
     check_record(record, source="record to write")
     folder = safe_subdir(results_dir, "records")
     path = record_path(results_dir, record["cell_id"])
     _clean_stale_tmp(folder)
-    _atomic_write(path, json.dumps(record, sort_keys=True, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(record, sort_keys=True, default=_json_default) + "\n", tmp=_tmp_name(path))
     return path
 
 
