@@ -333,7 +333,8 @@ def _autocast(device: torch.device, precision: str, stage: str = ""):
     if precision == "fp32":
         return contextlib.nullcontext()
     # CPU convs run 1.7x slower under bf16 autocast than fp32 (measured, KL-small, 2 cores),
-    # while the transformers run 1.6-1.9x faster: auto keeps the conv tokenizers in fp32 there
+    # while ~6M-param transformers run 1.6-1.9x faster: auto keeps the conv tokenizers in fp32
+    # there (narrow transformers are slower in bf16 too: the embedded recipe sets fp32)
     if precision == "auto" and device.type == "cpu" and stage in CONV_STAGES:
         return contextlib.nullcontext()
     if precision == "auto" and device.type == "cuda" and not torch.cuda.is_bf16_supported():

@@ -5,6 +5,12 @@ which the coarse discrete tokens should capture; each sample also carries *fine 
 (a random high-frequency grating inside the shape, pixel noise, soft edges), which is what
 the continuous tokens are for.  Colours are random per sample, so colour alone never tells
 the class.  Deterministic: the same (n, seed, size) gives the same bytes on any machine.
+
+Version 2 made the shapes larger (radius 0.65-0.9 of the half-width, was 0.45-0.7) and
+less displaced (centre within +-0.15, was +-0.25), so that the class is visible on the
+8x8 token grid: the feature net's class accuracy on images average-pooled to 8x8 and
+upsampled went from 0.74 to 0.89 (full resolution: 1.00 both), and LlamaGen-small samples
+(same recipe, cfg 3) from 0.40 to 0.59.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch
 CLASSES = ("disk", "square", "triangle", "ring", "cross",
            "h_stripes", "v_stripes", "checker", "two_disks", "diagonal")
 NUM_CLASSES = len(CLASSES)
+VERSION = 2          # bump when the generator's output changes: caches and runs key on it
 
 
 def _layout(c: int, dx, dy, r):
@@ -65,7 +72,7 @@ def make_shapes(n: int, seed: int = 0, size: int = 32, labels: torch.Tensor | No
     lin = torch.linspace(-1, 1, size, dtype=torch.float64)
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")
     xx, yy = xx[None], yy[None]
-    cx, cy, r = u(-0.25, 0.25, 1, 1), u(-0.25, 0.25, 1, 1), u(0.45, 0.7, 1, 1)
+    cx, cy, r = u(-0.15, 0.15, 1, 1), u(-0.15, 0.15, 1, 1), u(0.65, 0.9, 1, 1)
     mask = torch.empty(n, 1, size, size, dtype=torch.float64)
     for c in range(NUM_CLASSES):
         rows = labels == c
@@ -98,7 +105,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def identity(self) -> dict:
         """What the token-cache key hashes: the generator's arguments define every byte."""
-        return {"name": "shapes", "n": self.n, "seed": self.seed, "size": self.size}
+        return {"name": "shapes", "version": VERSION, "n": self.n, "seed": self.seed, "size": self.size}
 
     def __len__(self):
         return len(self.labels)

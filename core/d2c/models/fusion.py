@@ -8,6 +8,10 @@ their placement; ours:
   qformer     `num_queries` learned queries, `depth` blocks of [self-attn, cross-attn to the
               discrete embeddings, MLP]; the outputs are added to the MAR buffer slots (which
               hold the class embedding), so every encoder and decoder layer attends to them.
+The embeddings (code + position) are LayerNorm'ed before any key/value projection: at their
+N(0, 0.02) init they stayed ~0.05 after 300 steps, so cross-attention stayed uniform and the
+codes barely mattered (eps-MSE with true vs shuffled codes, all tokens masked: 0.35 vs 0.39
+after 300 steps; with the norm 0.31 vs 0.42 after 150).
 For CFG the discrete condition is dropped together with the class: dropped rows see the
 null code (row `codebook_size` of the table) everywhere.
 None of these parameters exist for kind == "none": MAR checkpoints load strict.
@@ -92,6 +96,7 @@ class Fusion(nn.Module):
         self.code_pos = nn.Parameter(torch.zeros(1, cfg.seq_len, fu.d_fuse))
         nn.init.normal_(self.code_emb.weight, std=0.02)
         nn.init.normal_(self.code_pos, std=0.02)
+        self.norm_disc = nn.LayerNorm(fu.d_fuse, eps=1e-6)
         if fu.kind == "cross_attn":
             layers = range(cfg.decoder_depth) if fu.layers is None else fu.layers
             self.layer_ids = [int(i) for i in layers]
@@ -117,7 +122,7 @@ class Fusion(nn.Module):
             codes = codes.flatten(1)
         if drop is not None:
             codes = torch.where(drop[:, None], torch.full_like(codes, self.codebook_size), codes)
-        return self.code_emb(codes) + self.code_pos
+        return self.norm_disc(self.code_emb(codes) + self.code_pos)
 
     def buffer(self, disc):
         """qformer: (B, num_queries, encoder_embed_dim), added to the first buffer slots."""
