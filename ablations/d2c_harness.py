@@ -62,7 +62,7 @@ class RunConfig:
     diffusion_steps: Optional[int] = None    # respaced DDPM steps of the head; None: the preset's
     cfg: float = 3.0                         # classifier-free guidance scale (MAR-B: 2.9, LlamaGen-B: 2.0)
     temperature: float = 1.0
-    num_images: int = 300                    # images sampled and measured per cell (15-min CPU budget)
+    num_images: int = 200                    # images sampled and measured per cell (15-min CPU budget)
     seed: int = 0                            # sampling seed
     data: DataConfig = MISSING               # group: shapes | shapes_tiny | imagefolder
     recipe: str = "small"                    # training recipe: small (embedded default) | tiny (tests)
