@@ -3,14 +3,20 @@
 Each class is a *layout* (where the mass of the image is: a disk, a ring, stripes, ...),
 which the coarse discrete tokens should capture; each sample also carries *fine detail*
 (a random high-frequency grating inside the shape, pixel noise, soft edges), which is what
-the continuous tokens are for.  Colours are random per sample, so colour alone never tells
-the class.  Deterministic: the same (n, seed, size) gives the same bytes on any machine.
+the continuous tokens are for.  Colours are one of eight (background, foreground) pairs,
+drawn per sample independently of the class, so colour alone never tells the class.
+Deterministic: the same (n, seed, size) gives the same bytes on any machine.
 
 Version 2 made the shapes larger (radius 0.65-0.9 of the half-width, was 0.45-0.7) and
 less displaced (centre within +-0.15, was +-0.25), so that the class is visible on the
 8x8 token grid: the feature net's class accuracy on images average-pooled to 8x8 and
 upsampled went from 0.74 to 0.89 (full resolution: 1.00 both), and LlamaGen-small samples
 (same recipe, cfg 3) from 0.40 to 0.59.
+Version 3 replaced continuous random colours (a two-colour background gradient and a third
+foreground colour) with the palette.  Stage 2's failure is colour coherence over 64 tokens:
+on grey images (one fixed pair) MAR-small reaches class accuracy 0.885 in the same recipe.
+With everything else equal (recipe, cfg 3, 200 images, 16 steps), class accuracy went from
+0.73 to 0.975 for LlamaGen, 0.16 to 0.21 for MAR and 0.18 to 0.22 for D2C cross-attn.
 """
 from __future__ import annotations
 
@@ -21,7 +27,13 @@ import torch
 CLASSES = ("disk", "square", "triangle", "ring", "cross",
            "h_stripes", "v_stripes", "checker", "two_disks", "diagonal")
 NUM_CLASSES = len(CLASSES)
-VERSION = 2          # bump when the generator's output changes: caches and runs key on it
+VERSION = 3          # bump when the generator's output changes: caches and runs key on it
+# (background, foreground) RGB pairs in [0, 1], contrasting in lightness and hue
+PALETTE = torch.tensor([[[0.10, 0.10, 0.35], [0.95, 0.85, 0.30]], [[0.90, 0.90, 0.85], [0.70, 0.10, 0.15]],
+                        [[0.15, 0.35, 0.15], [0.95, 0.60, 0.85]], [[0.95, 0.75, 0.55], [0.10, 0.30, 0.60]],
+                        [[0.20, 0.20, 0.20], [0.40, 0.90, 0.90]], [[0.55, 0.80, 0.95], [0.35, 0.15, 0.05]],
+                        [[0.45, 0.10, 0.40], [0.80, 0.95, 0.45]], [[0.85, 0.85, 0.20], [0.15, 0.45, 0.25]]],
+                       dtype=torch.float64)
 
 
 def _layout(c: int, dx, dy, r):
@@ -78,13 +90,10 @@ def make_shapes(n: int, seed: int = 0, size: int = 32, labels: torch.Tensor | No
         rows = labels == c
         mask[rows, 0] = _layout(c, xx - cx[rows], yy - cy[rows], r[rows])
 
-    # colours: background a smooth two-colour gradient, foreground a third colour far from it
-    bg0, bg1 = u(0.0, 1.0, 3, 1, 1), u(0.0, 1.0, 3, 1, 1)
-    ang = u(0, 2 * math.pi, 1, 1, 1)
-    t = (0.5 + 0.5 * (torch.cos(ang) * xx[:, None] + torch.sin(ang) * yy[:, None]) / math.sqrt(2))
-    bg = bg0 * (1 - t) + bg1 * t
-    fg = (bg0 + bg1) / 2 + 0.5
-    fg = torch.remainder(fg + u(-0.15, 0.15, 3, 1, 1), 1.0)
+    # colours: one (background, foreground) pair of PALETTE per image, drawn independently of the class
+    k = torch.randint(0, len(PALETTE), (n,), generator=g)
+    bg = PALETTE[k, 0][:, :, None, None].expand(n, 3, size, size)
+    fg = PALETTE[k, 1][:, :, None, None]
 
     # fine detail: an oriented grating inside the shape (random frequency/phase) + pixel noise
     freq, theta, phase = u(6.0, 12.0, 1, 1, 1), u(0, math.pi, 1, 1, 1), u(0, 2 * math.pi, 1, 1, 1)
