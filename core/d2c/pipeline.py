@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from d2c.config import TrainConfig, make_config
+from d2c.data import shapes
 from d2c.data.imagefolder import DataConfig, build_dataset
-from d2c.data.shapes import VERSION as SHAPES_VERSION
 from d2c.train import ImageSource, TokenSource, is_done, load_trained, train
 
 FAMILIES = ("llamagen", "mar", "d2c_cross_attn", "d2c_qformer")
@@ -117,7 +117,7 @@ class Pipeline:
     def _ensure(self, name: str, cfg: TrainConfig, upstream: tuple, source_fn, extra=None, init_from=None) -> Path:
         # the resolved model config is hashed too: editing a preset must not reuse old weights
         model_cfg = make_config(cfg.preset, **cfg.overrides)
-        data = (self.recipe.data, SHAPES_VERSION if self.recipe.data.name == "shapes" else None)
+        data = (self.recipe.data, shapes.VERSION if self.recipe.data.name == "shapes" else None)
         out = self.root / "ckpt" / f"{name}-{run_key(cfg, model_cfg, *data, *upstream)}"
         if not is_done(out):
             with _stage_lock(out):   # concurrent processes (sweep cells) train a stage once
