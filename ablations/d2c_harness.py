@@ -480,7 +480,7 @@ def run_cell(c: dict, cell_id: str, train_key: str, log=print) -> dict:
     try:
         import torch
         from d2c.pipeline import Pipeline, evaluate
-        from d2c.sampling import save_grid
+        from d2c.sampling import save_sample_grid
         if c["threads"]:
             torch.set_num_threads(c["threads"])
         if c["fault"] == "exit":
@@ -503,7 +503,7 @@ def run_cell(c: dict, cell_id: str, train_key: str, log=print) -> dict:
         imgs = r["images"]
         from d2c.results import check_cell_id, safe_subdir
         grid = safe_subdir(results, "grids") / f"{check_cell_id(cell_id)}.png"
-        save_grid(imgs[:: max(1, len(imgs) // 100)][:100], grid, nrow=10)
+        save_sample_grid(imgs, grid)
         rec.update(status="ok", metrics={k: float(v) for k, v in r["metrics"].items()}, speed=r["speed"],
                    grid=str(grid.relative_to(results)))
         rec["train_seconds"] = dict(pipe.timings)

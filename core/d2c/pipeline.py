@@ -252,15 +252,14 @@ def main(argv=None):
             pipe.models(fam)
         print(f"training: {json.dumps({k: round(v, 1) for k, v in pipe.timings.items()})} "
               f"total {sum(pipe.timings.values()):.0f}s (wall {time.perf_counter() - t0:.0f}s incl. cache)")
-        from d2c.sampling import save_grid
+        from d2c.sampling import save_sample_grid
         print(f"{'family':16s} {'steps':>5s} {'FID':>8s} {'IS':>6s} {'acc':>6s} {'prec':>5s} {'rec':>5s} "
               f"{'img/s':>7s} {'s/img':>7s}")
         for fam in fams:
             for steps in ([1] if fam == "llamagen" else step_list):
                 r = evaluate(pipe, fam, steps=steps, num_images=args.num_images, cfg=args.cfg)
                 m, s = r["metrics"], r["speed"]
-                save_grid(r["images"][:: max(1, args.num_images // 100)][:100],
-                          Path(args.root) / "grids" / f"{fam}_{steps}.png", nrow=10)
+                save_sample_grid(r["images"], Path(args.root) / "grids" / f"{fam}_{steps}.png")
                 print(f"{fam:16s} {steps if fam != 'llamagen' else '-':>5} {m['fid']:8.2f} {m['is_mean']:6.2f} "
                       f"{m['class_accuracy']:6.3f} {m['precision']:5.2f} {m['recall']:5.2f} "
                       f"{s['images_per_second']:7.2f} {s['seconds_per_image']:7.4f}", flush=True)

@@ -275,3 +275,9 @@ def save_grid(images_uint8: torch.Tensor, path, nrow: int = 8):
     grid = make_grid(images_uint8.cpu(), nrow=nrow, padding=2)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
     return path
+
+
+def save_sample_grid(images_uint8: torch.Tensor, path):
+    """The 10x10 grid of a sampling run: its first 100 images.  Runs sample `balanced_labels`
+    (arange % classes), so with 10 classes each column is one class, every class shown."""
+    return save_grid(images_uint8[:100], path, nrow=10)

@@ -3,8 +3,9 @@
 Each class is a *layout* (where the mass of the image is: a disk, a ring, stripes, ...),
 which the coarse discrete tokens should capture; each sample also carries *fine detail*
 (a random high-frequency grating inside the shape, pixel noise, soft edges), which is what
-the continuous tokens are for.  Colours are one of eight (background, foreground) pairs,
-drawn per sample independently of the class, so colour alone never tells the class.
+the continuous tokens are for.  Colours are a (background, foreground) pair of the class,
+each pair shared by two classes (class c and c + 5), so colour narrows the class to two and
+only the layout tells which (chance given the right colours: 0.5; untrained models: 0.1).
 Deterministic: the same (n, seed, size) gives the same bytes on any machine.
 
 Version 2 made the shapes larger (radius 0.65-0.9 of the half-width, was 0.45-0.7) and
@@ -17,6 +18,11 @@ foreground colour) with the palette.  Stage 2's failure is colour coherence over
 on grey images (one fixed pair) MAR-small reaches class accuracy 0.885 in the same recipe.
 With everything else equal (recipe, cfg 3, 200 images, 16 steps), class accuracy went from
 0.73 to 0.975 for LlamaGen, 0.16 to 0.21 for MAR and 0.18 to 0.22 for D2C cross-attn.
+Version 4 ties the pair to the class (five pairs, class mod 5).  Stage 2 had not failed on
+colour coherence as such (v3 samples keep one pair per image) but on layout next to a free
+per-image colour: the colour-by-layout conjunction is what the small continuous models could
+not learn in minutes.  Same recipe, cfg 3, 200 images, 16 steps: MAR 0.205 -> 0.855, D2C
+cross-attn 0.215 -> 0.915, Q-Former 0.835, LlamaGen 0.985; FID 15.3 / 8.1 / 15.7 / 0.8.
 """
 from __future__ import annotations
 
@@ -27,13 +33,11 @@ import torch
 CLASSES = ("disk", "square", "triangle", "ring", "cross",
            "h_stripes", "v_stripes", "checker", "two_disks", "diagonal")
 NUM_CLASSES = len(CLASSES)
-VERSION = 3          # bump when the generator's output changes: caches and runs key on it
+VERSION = 4          # bump when the generator's output changes: caches and runs key on it
 # (background, foreground) RGB pairs in [0, 1], contrasting in lightness and hue
 PALETTE = torch.tensor([[[0.10, 0.10, 0.35], [0.95, 0.85, 0.30]], [[0.90, 0.90, 0.85], [0.70, 0.10, 0.15]],
                         [[0.15, 0.35, 0.15], [0.95, 0.60, 0.85]], [[0.95, 0.75, 0.55], [0.10, 0.30, 0.60]],
-                        [[0.20, 0.20, 0.20], [0.40, 0.90, 0.90]], [[0.55, 0.80, 0.95], [0.35, 0.15, 0.05]],
-                        [[0.45, 0.10, 0.40], [0.80, 0.95, 0.45]], [[0.85, 0.85, 0.20], [0.15, 0.45, 0.25]]],
-                       dtype=torch.float64)
+                        [[0.20, 0.20, 0.20], [0.40, 0.90, 0.90]]], dtype=torch.float64)
 
 
 def _layout(c: int, dx, dy, r):
@@ -90,8 +94,8 @@ def make_shapes(n: int, seed: int = 0, size: int = 32, labels: torch.Tensor | No
         rows = labels == c
         mask[rows, 0] = _layout(c, xx - cx[rows], yy - cy[rows], r[rows])
 
-    # colours: one (background, foreground) pair of PALETTE per image, drawn independently of the class
-    k = torch.randint(0, len(PALETTE), (n,), generator=g)
+    # colours: the class's (background, foreground) pair; two classes share each pair
+    k = labels % len(PALETTE)
     bg = PALETTE[k, 0][:, :, None, None].expand(n, 3, size, size)
     fg = PALETTE[k, 1][:, :, None, None]
 
