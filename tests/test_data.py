@@ -39,6 +39,19 @@ def test_shapes_deterministic_and_balanced():
     assert 0 <= int(y) < NUM_CLASSES
 
 
+def test_shapes_colour_pair_is_the_class_pair_shared_by_two_classes():
+    # v4: the background is PALETTE[label % 5]; no image shows another pair's background
+    from d2c.data.shapes import PALETTE
+    assert len(PALETTE) * 2 == NUM_CLASSES
+    x, y = make_shapes(300, seed=11)
+    bg = PALETTE[:, 0]                                                   # (5, 3)
+    near = ((x.double()[:, None] / 255 - bg[None, :, :, None, None]).abs().amax(2) < 0.08)
+    frac = near.double().mean((2, 3))                                    # (n, 5): share of pixels
+    own = frac[torch.arange(len(y)), y % len(PALETTE)]
+    frac[torch.arange(len(y)), y % len(PALETTE)] = 0
+    assert own.min() > 0.15 and frac.max() < 0.05, (own.min(), frac.max())
+
+
 def test_build_dataset_from_config(tmp_path):
     ds = build_dataset(DataConfig(name="shapes", num_images=30, seed=2, image_size=16))
     assert len(ds) == 30 and ds[0][0].shape == (3, 16, 16)
