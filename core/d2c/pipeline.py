@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from d2c.config import TrainConfig, make_config
-from d2c.data import shapes
 from d2c.data.imagefolder import DataConfig, build_dataset
 from d2c.train import ImageSource, TokenSource, is_done, load_trained, train
 
@@ -115,9 +114,11 @@ class Pipeline:
         return self._dataset
 
     def _ensure(self, name: str, cfg: TrainConfig, upstream: tuple, source_fn, extra=None, init_from=None) -> Path:
-        # the resolved model config is hashed too: editing a preset must not reuse old weights
+        # the resolved model config is hashed too: editing a preset must not reuse old weights;
+        # so is the dataset's identity (the token cache's), which names its generator version or files
+        from d2c.data.cache import dataset_identity
         model_cfg = make_config(cfg.preset, **cfg.overrides)
-        data = (self.recipe.data, shapes.VERSION if self.recipe.data.name == "shapes" else None)
+        data = (self.recipe.data, dataset_identity(self.dataset))
         out = self.root / "ckpt" / f"{name}-{run_key(cfg, model_cfg, *data, *upstream)}"
         if not is_done(out):
             with _stage_lock(out):   # concurrent processes (sweep cells) train a stage once
