@@ -14,8 +14,8 @@ less displaced (centre within +-0.15, was +-0.25), so that the class is visible 
 upsampled went from 0.74 to 0.89 (full resolution: 1.00 both), and LlamaGen-small samples
 (same recipe, cfg 3) from 0.40 to 0.59.
 Version 3 replaced continuous random colours (a two-colour background gradient and a third
-foreground colour) with the palette.  Stage 2's failure is colour coherence over 64 tokens:
-on grey images (one fixed pair) MAR-small reaches class accuracy 0.885 in the same recipe.
+foreground colour) with the palette, on the guess that stage 2 failed on colour coherence
+(on grey images, one fixed pair, MAR-small reaches class accuracy 0.885 in the same recipe).
 With everything else equal (recipe, cfg 3, 200 images, 16 steps), class accuracy went from
 0.73 to 0.975 for LlamaGen, 0.16 to 0.21 for MAR and 0.18 to 0.22 for D2C cross-attn.
 Version 4 ties the pair to the class (five pairs, class mod 5).  Stage 2 had not failed on
