@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install run demo test test-fast bench clean
+.PHONY: install run demo test test-fast test-numerics bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: install           ## the whole suite, slow tests included (CI runs this)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# the numerical tests again on other float rounding: PyTorch's plain kernels, one thread
+NUMERIC_TESTS = tests/test_mar.py tests/test_diffusion.py tests/test_gpt.py tests/test_kernels.py \
+                tests/test_tokenizers.py tests/test_api.py tests/test_sampling.py tests/test_train.py
+test-numerics: install
+	ATEN_CPU_CAPABILITY=default D2C_TEST_THREADS=1 $(PY) -m pytest -q -m "not slow" $(NUMERIC_TESTS)
 
 bench: install
 	$(PY) -m pytest bench/ --benchmark-only

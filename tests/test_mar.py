@@ -307,17 +307,36 @@ def test_qformer_fills_buffer_and_cross_attn_runs_after_decoder_blocks():
 
 # ------------------------------------------------------------------ DiffLoss guidance
 def test_diffloss_cfg_scale_one_equals_conditional_path():
-    dl = _randomize_zero_init(DiffLoss(4, 16, depth=2, width=32, num_sampling_steps=10), std=0.2)
+    # Identities of the math, so checked in float64: the guided path runs 12-row products where
+    # the plain one runs 6, which round differently, and ten unclipped reverse steps amplify
+    # that (float32 on an AVX-512 EPYC: 2.9e-4 relative, about 5e3 float32 ulps).  The same
+    # amplification leaves float64 near 1e-12 (values here reach ~1e5); rtol 1e-9 keeps a margin
+    # while a wrong mix (cfg on v, the wrong half) moves the tokens by 1e-5 relative or more.
+    dl = _randomize_zero_init(DiffLoss(4, 16, depth=2, width=32, num_sampling_steps=10), std=0.2).double()
     g = torch.Generator().manual_seed(0)
-    zc, zu = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+    zc, zu = torch.randn(6, 16, generator=g, dtype=torch.float64), torch.randn(6, 16, generator=g, dtype=torch.float64)
+    tol = dict(rtol=1e-9, atol=1e-9)
     cond = dl.sample(zc, 1.0, 1.0, generator=torch.Generator().manual_seed(5))
     guided = dl.sample(torch.cat([zc, zu]), 1.0, 1.0, generator=torch.Generator().manual_seed(5), guided=True)
-    assert guided.shape == (12, 4) and torch.equal(guided[:6], guided[6:])
-    torch.testing.assert_close(guided[:6], cond, rtol=1e-4, atol=1e-5)
-    # scale 0 is the unconditional path; a real scale differs from both
+    assert guided.dtype == torch.float64 and guided.shape == (12, 4) and torch.equal(guided[:6], guided[6:])
+    torch.testing.assert_close(guided[:6], cond, **tol)
+
+    def reference(scale):
+        """Plain p_sample_loop with eps = eps_u + s (eps_c - eps_u) and the conditional half's
+        variance (MAR's layout: the sampled tokens are the conditional rows)."""
+        def model_fn(x, t):
+            oc, ou = dl.net(x, t, zc), dl.net(x, t, zu)
+            return torch.cat([ou[:, :4] + scale * (oc[:, :4] - ou[:, :4]), oc[:, 4:]], dim=1)
+        gen = torch.Generator().manual_seed(5)
+        noise = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+        return dl.gen_diffusion().p_sample_loop(model_fn, noise, generator=gen, clip_x0=dl.clip_x0)
+    for scale in (0.0, 1.0, 3.0):
+        got = dl.sample(torch.cat([zc, zu]), 1.0, scale, generator=torch.Generator().manual_seed(5), guided=True)
+        torch.testing.assert_close(got[:6], reference(scale), **tol)
+    # scale 0 takes the unconditional eps but keeps the conditional variance, so it is not the
+    # unconditional path (float32's 1e-4 tolerance once hid that); a real scale is far from cond
     uncond = dl.sample(zu, 1.0, 1.0, generator=torch.Generator().manual_seed(5))
-    g0 = dl.sample(torch.cat([zc, zu]), 1.0, 0.0, generator=torch.Generator().manual_seed(5), guided=True)
-    torch.testing.assert_close(g0[:6], uncond, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(reference(0.0), uncond, rtol=1e-7, atol=1e-7)
     g3 = dl.sample(torch.cat([zc, zu]), 1.0, 3.0, generator=torch.Generator().manual_seed(5))
     assert not torch.allclose(g3[:6], cond, atol=1e-3)
 

@@ -1,4 +1,5 @@
 """The training loop: it learns, it checkpoints atomically, it resumes exactly, DDP matches."""
+import contextlib
 import json
 import os
 import signal
@@ -175,10 +176,21 @@ def test_sigkill_at_random_points_always_leaves_a_loadable_checkpoint(tmp_path):
         last = newest()
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
 def _ddp_worker(rank, world, port, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)      # see the test
     try:
         train(_cfg(steps=3, lr=1e-2), TokenSource(MemoryCache()), out, device="cpu")
     finally:
@@ -187,13 +199,23 @@ def _ddp_worker(rank, world, port, out):
 
 @pytest.mark.slow
 def test_ddp_gloo_two_processes_equal_one_process(tmp_path):
+    """Two ranks with half the batch each, gradients averaged, equal one process with the whole
+    batch: an identity of the math, so both run in float64.  In float32 the half-batch products
+    round differently and Adam amplifies that where a gradient is near zero (its update is
+    lr g / (|g| + eps): slope up to lr / eps = 1e6), which put one near-zero weight 3.7e-5 off on
+    another CPU.  The same bound in float64: 3 steps x 1e6 x 1.1e-16 x |g| <= 1e-9 for |g| <= 3;
+    1e-8 keeps a margin, and a real DDP fault (a rank on the wrong slice, summed instead of
+    averaged gradients) moves weights by about lr = 1e-2."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
-    train(_cfg(steps=3, lr=1e-2), TokenSource(MemoryCache()), tmp_path / "one")
-    a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
+    with _default_dtype(torch.float64):
+        train(_cfg(steps=3, lr=1e-2), TokenSource(MemoryCache()), tmp_path / "one")
+        a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
+        init = d2c.build("gpt_tiny").state_dict()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
-    assert max((a[k] - d2c.build("gpt_tiny").state_dict()[k]).abs().max() for k in a) > 1e-3  # it trained
+        assert a[k].dtype == torch.float64 or not a[k].is_floating_point(), k
+        torch.testing.assert_close(a[k], b[k], atol=1e-8, rtol=1e-7)
+    assert max((a[k] - init[k]).abs().max() for k in a) > 1e-3  # it trained

@@ -25,6 +25,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from d2c.precision import accum_dtype
+
 _CPU = torch.device("cpu")
 
 
@@ -143,7 +145,7 @@ class GaussianDiffusion:
 
     # -- coefficient lookup: arr[t] broadcast to x's rank, float32 (float64 for float64 x)
     def _coef(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dt = accum_dtype(x.dtype)
         key = (name, x.device, dt)
         arr = self._cache.get(key)
         if arr is None:

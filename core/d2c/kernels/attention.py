@@ -27,6 +27,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from d2c.precision import accum_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -54,7 +56,7 @@ def attention_reference(q, k, v, *, causal: bool = False, key_padding_mask=None,
     """softmax(q k^T * scale + mask) v in float32 (float64 for float64 inputs); rows that see
     no key give 0."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = accum_dtype(q.dtype)
     s = torch.einsum("bhqd,bhkd->bhqk", q.to(dt), k.to(dt)) * scale
     mask = _bool_mask(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
     if mask is not None:

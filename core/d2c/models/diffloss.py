@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from d2c.diffusion import GaussianDiffusion, create_diffusion
 from d2c.kernels import adaln_mlp
+from d2c.precision import accum_dtype
 
 SAMPLE_IMPLS = ("eager", "fused", "compiled", "graph")
 
@@ -58,7 +59,7 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
 
 
 class ResBlock(nn.Module):
@@ -189,7 +190,7 @@ class DiffLoss(nn.Module):
             (eps_c, eps_u), v = out[:, :c].chunk(2), out[:n, c:]
             return torch.cat([eps_u + cfg * (eps_c - eps_u), v], dim=1)
 
-        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        dtype = accum_dtype(z.dtype)
         noise = torch.randn((n, c), generator=generator, device=z.device, dtype=dtype)
         x = diffusion.p_sample_loop(model_fn, noise, temperature=temperature, generator=generator,
                                     progress=progress, clip_x0=self.clip_x0)
@@ -224,7 +225,7 @@ class DiffLoss(nn.Module):
         if impl == "graph" and device.type != "cuda":
             impl = "compiled"
         diffusion = self.gen_diffusion(num_steps)
-        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        dtype = accum_dtype(z.dtype)
         packed = self.packed_head()
         backend = adaln_mlp.resolve_head_backend(device)
         tab, tmap = self._step_tables(diffusion, device, dtype)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from d2c.config import GPTConfig
 from d2c.kernels.attention import attention
 from d2c.models import check_ids
+from d2c.precision import accum_dtype, upcast
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -37,7 +38,7 @@ def check_labels(labels: torch.Tensor, num_classes: int, allow_null: bool = Fals
 
 def next_token_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits (B, T, V) against codes (B, T), in fp32 (LlamaGen)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+    return F.cross_entropy(upcast(logits).flatten(0, 1), codes.flatten())
 
 
 # ----------------------------------------------------------------------------- 2D RoPE
@@ -66,7 +67,7 @@ def rope_2d_table(grid_size: int, head_dim: int, base: float = 10000.0, n_prefix
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of x (B, S, H, D) by table (S, D/2, 2).
     Computed in fp32 (fp64 for fp64 inputs), returned in x's dtype."""
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = accum_dtype(x.dtype)
     x0, x1 = x.to(dt).unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = table.to(dt)[None, :, None].unbind(-1)              # (1, S, 1, D/2)
     return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
@@ -80,7 +81,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # the mean square in fp32 even under bf16 autocast
+        xf = upcast(x)  # the mean square in fp32 even under bf16 autocast
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -223,7 +224,7 @@ class Transformer(nn.Module):
         h = self.tok_dropout(h)
         for layer in self.layers:
             h = layer(h, freqs, start_pos)
-        return self.output(self.norm(h)).float()
+        return upcast(self.output(self.norm(h)))
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: codes (B, T<=block_size), labels (B,) -> logits (B, T, vocab), where
