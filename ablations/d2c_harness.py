@@ -12,7 +12,6 @@ Sample grids: <results_dir>/grids/<cell_id>.png.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -25,14 +24,15 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from d2c.config import PRESETS, TrainConfig, preset_kind
+from d2c.checkpoint import stable_hash
+from d2c.cli import one_line
+from d2c.config import FUSIONS, PRESETS, TrainConfig, preset_kind
 from d2c.data.imagefolder import DataConfig, DataError, validate_data_config
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = Path(__file__).resolve().parent
 
 MODELS = ("d2c", "mar", "llamagen")
-FUSIONS = ("none", "cross_attn", "qformer")
 RECIPES = ("small", "tiny")
 # test hooks: a cell that raises, a job process that dies, a cell that raises when seed % 5 == 0
 # (one cell in five of a seed sweep: the load test's failure pattern)
@@ -124,11 +124,6 @@ def register_configs() -> None:
 
 
 # --------------------------------------------------------------------------- resolve + keys
-
-
-def _stable_hash(obj) -> str:
-    blob = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _is_int(v) -> bool:
@@ -299,7 +294,7 @@ def keys(c: dict) -> tuple[str, str]:
     if fam != "llamagen":
         train["stage2"] = dataclasses.asdict(mar_config(recipe, fam))
     train["data"] = dataclasses.asdict(recipe.data)
-    return _stable_hash(cell), _stable_hash(train)
+    return stable_hash(cell), stable_hash(train)
 
 
 def describe(c: dict) -> str:
@@ -438,11 +433,6 @@ def plan(args: list[str], loader=None, master=None) -> list[dict]:
 # --------------------------------------------------------------------------- one cell
 
 
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0] if s else ''}"[:500]
-
-
 def base_record(c: dict, cell_id: str, train_key: str) -> dict:
     from d2c.results import SCHEMA_VERSION, git_commit, versions
     from d2c.metrics import hardware_info
@@ -510,7 +500,7 @@ def run_cell(c: dict, cell_id: str, train_key: str, log=print) -> dict:
     except Exception as e:  # noqa: BLE001 - every failure becomes the cell's record
         if rank != 0:
             raise
-        rec.update(status="failed", error=_one_line(e))
+        rec.update(status="failed", error=one_line(e, with_type=True)[:500])
         log(f"cell {cell_id} failed:\n{traceback.format_exc()}")
     rec["finished_at"] = now_iso()
     rec["seconds"] = time.perf_counter() - t0

@@ -35,12 +35,13 @@ import seaborn as sns  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 try:
+    from d2c.config import FAMILIES, FUSIONS
     from d2c.results import RecordError, read_records, record_path
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(HERE.parent / "core"))
+    from d2c.config import FAMILIES, FUSIONS
     from d2c.results import RecordError, read_records, record_path
 
-FAMILIES = ("llamagen", "mar", "d2c_cross_attn", "d2c_qformer")
 # Fixed family colours (seaborn "colorblind"), the same in every figure.
 PALETTE = {"llamagen": "#d55e00", "mar": "#0173b2", "d2c_cross_attn": "#de8f05", "d2c_qformer": "#029e73"}
 EXTRA_COLOURS = ("#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9")
@@ -67,7 +68,6 @@ AXES = {
     "steps": ("steps", "MAR steps", ("llamagen",)),
     "cfg": ("cfg", "CFG scale", ()),
 }
-FUSIONS = ("none", "cross_attn", "qformer")
 SIZE_ORDER = ("tiny", "xs", "s", "small", "b", "base", "m", "medium", "l", "large", "xl", "xxl", "h", "huge")
 META = ("file", "cell_id", "status", "error", "family", "seed", "grid", "git_commit", "started_at",
         "finished_at", "hardware")

@@ -114,10 +114,47 @@ def test_folder_input_matches_tensor(net, sets, cache, tmp_path):
 
 def test_default_reference_is_cached(net, sets, cache, monkeypatch):
     first = _fid(sets["a"], None, cache, num_reference=300)
-    assert list((cache / "fidelity").glob("d2c-shapes-n300-*"))
+    assert list((cache / "reference_features").glob("d2c-shapes-n300-*.safetensors"))
     import d2c.data.shapes
     monkeypatch.setattr(d2c.data.shapes, "make_shapes", _refuse)  # a cache hit never regenerates
     assert _fid(sets["a"], None, cache, num_reference=300) == first
+
+
+class _Planted:
+    """Unpickling this creates `marker`: the proof that a loader ran code from a cache file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_planted_pickle_in_the_metric_caches_never_runs(net, sets, tmp_path):
+    """torch-fidelity reads its own cache by full unpickling: a pickle planted
+    under every name it (or we) would read must never run, and the metrics stay right."""
+    cache = tmp_path / "cache"
+    M.load_feature_net(SMALL, cache, progress=False)
+    kw = dict(cache_dir=cache, feature_net=SMALL, num_reference=300)
+    first = M.compute_metrics(sets["a"][:200], **kw)
+    ours = list((cache / "reference_features").glob("*.safetensors"))
+    assert len(ours) == 1
+    marker = tmp_path / "code_ran"
+    name = ours[0].stem.removesuffix("-features")          # <reference name>-<layers>
+    assert name != ours[0].stem and name.startswith("d2c-shapes-n300-")
+    # the names torch-fidelity's cache would use for that reference (utils / metric_fid)
+    planted = [ours[0], *[cache / "fidelity" / f"{name}-{M.EMBEDDED_EXTRACTOR}-{kind}-{layer}.pt"
+                          for kind in ("features", "stat-fid") for layer in ("features", "logits")]]
+    for p in planted:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"x": _Planted(marker)}, p)
+    again = M.compute_metrics(sets["a"][:200], **kw)
+    assert not marker.exists()
+    assert again == first
+    with pytest.raises(Exception):      # the plant is live: an unsafe load would have run it
+        torch.load(planted[1], weights_only=True)
+    torch.load(planted[1], weights_only=False)
+    assert marker.exists()
 
 
 def test_feature_net_cache(tmp_path, monkeypatch):

@@ -1,9 +1,26 @@
 """d2c: discrete-to-continuous two-stage image generation, with MAR and LlamaGen baselines."""
 from __future__ import annotations
 
+import importlib
+
 from d2c.config import PRESETS, make_config, preset_kind
 
-__all__ = ["build", "load_pretrained", "PRESETS"]
+__all__ = ["build", "load_pretrained", "PRESETS", "MissingExtra", "require"]
+
+
+class MissingExtra(ImportError):
+    """A package of an optional extra is not installed; the message is one line naming it."""
+
+
+def require(module: str, needed_for: str, extra: str = "harness"):
+    """Import `module`, or raise MissingExtra naming the extra that installs it: the core package
+    (`pip install .`) samples and trains; metrics, TensorBoard logs and the harness need
+    `pip install 'd2c[harness]'`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtra(f"{needed_for} needs {module.split('.')[0]} ({e.name or module} is not installed): "
+                           f"pip install -c constraints.txt 'd2c[{extra}]'") from None
 
 
 def model_class(kind: str):

@@ -1,8 +1,13 @@
-"""Weights in and out.  Loading never unpickles code: safetensors, or
-`torch.load(weights_only=True)` for the public `.pt`/`.ckpt` containers."""
+"""Weights in and out, and the file-level mechanics every writer shares: one atomic writer, the
+stable config hash that names run folders and caches, the liveness test for stale temp files.
+Loading never unpickles code: safetensors, or `torch.load(weights_only=True)` for the public
+`.pt`/`.ckpt` containers."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import os
 import pickle
 from pathlib import Path
@@ -87,6 +92,35 @@ def load_into(model: torch.nn.Module, sd: dict, strict: bool = True, source: str
     return model
 
 
+def json_default(o):
+    """JSON for what configs and records hold beyond plain types: dataclasses, tensors / numpy
+    scalars, paths, tuples and sets; anything else by its str()."""
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def stable_hash(obj, length: int = 16) -> str:
+    """Hex digest of `obj` as sorted-key JSON: the same config names the same folder on any machine."""
+    blob = json.dumps(obj, sort_keys=True, default=json_default)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host still has `pid` (a writer whose temp files must stay)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True   # someone else's process (or not a pid): assume alive
+    return True
+
+
 def fsync_path(path) -> None:
     """Flush a file's or a folder's entry to disk (a rename is durable once its folder is)."""
     fd = os.open(path, os.O_RDONLY)
@@ -96,10 +130,11 @@ def fsync_path(path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path, text: str, tmp=None) -> None:
-    """Temp file beside `path` (default `.<name>.tmp<pid>`), fsync, rename over `path`, fsync the
-    folder: readers see the old text or the new, never half.  The temp file is opened O_EXCL |
-    O_NOFOLLOW, so a planted link is never written through; a failed write removes it."""
+def atomic_write(path, write, tmp=None) -> None:
+    """The one atomic writer: `write(f)` fills a binary file opened on a temp file beside `path`
+    (default `.<name>.tmp<pid>`), then fsync, rename over `path`, fsync the folder: readers see
+    the old content or the new, never half.  The temp file is opened O_EXCL | O_NOFOLLOW, so a
+    planted link is never written through; a failed write removes it."""
     path = Path(path)
     tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -108,8 +143,8 @@ def atomic_write_text(path, text: str, tmp=None) -> None:
         pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)   # replaces a symlink at `path` itself, never its target
@@ -122,14 +157,14 @@ def atomic_write_text(path, text: str, tmp=None) -> None:
     fsync_path(path.parent)
 
 
+def atomic_write_text(path, text: str, tmp=None) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()), tmp)
+
+
 def save_safetensors(model_or_sd, path) -> None:
-    """Atomic write: temp file in the same folder, fsync, rename."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, torch.nn.Module) else model_or_sd
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(sd, str(tmp))
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(save(sd)))

@@ -18,13 +18,19 @@ def user_error_types() -> tuple:
     # d2c's own error types are ValueError subclasses (CheckpointError, DataError, MetricsError,
     # CacheError, RecordError) and config validation raises plain ValueError; NonFiniteLoss is
     # a FloatingPointError; a path the user gave that does not exist is a FileNotFoundError.
+    # a missing optional package is MissingExtra (an ImportError), naming the extra to install.
+    from d2c import MissingExtra
     from d2c.train import NonFiniteLoss
-    return (ValueError, NonFiniteLoss, FileNotFoundError, NotADirectoryError, PermissionError)
+    return (ValueError, NonFiniteLoss, MissingExtra, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
-def one_line(e: BaseException) -> str:
+def one_line(e: BaseException, with_type: bool = False) -> str:
+    """The exception's message on one line (its lines joined by " / "), prefixed by its type
+    name when `with_type` (records, bad-image warnings: where the type is not implied)."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return " / ".join(lines) if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    return f"{type(e).__name__}: {' / '.join(lines)}" if with_type else " / ".join(lines)
 
 
 @contextlib.contextmanager

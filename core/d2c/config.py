@@ -88,6 +88,12 @@ class FusionConfig:
     KINDS = ("none", "cross_attn", "qformer")
 
 
+FUSIONS = FusionConfig.KINDS
+# The compared families, as records, tables and the CLI name them: stage 1 alone (LlamaGen),
+# stage 2 alone (MAR, fusion none) and D2C with each fusion.
+FAMILIES = ("llamagen", "mar", "d2c_cross_attn", "d2c_qformer")
+
+
 @dataclass
 class MARConfig:
     """MAR (`models/mar.py` in LTH14/mar) plus our fusion module."""

@@ -4,11 +4,12 @@ embedded feature network, class accuracy, and the speed / hardware parts of a re
 Two modes pick the feature extractor (DESIGN.md sections 5 and 6):
   embedded  a small CNN trained here on the shapes dataset (cached as safetensors, keyed by a
             hash of its recipe), registered with torch-fidelity as "d2c-shapes-net";
-            reference = a held-out real shapes set (its features cached by torch-fidelity).
+            reference = a held-out real shapes set (its features cached here as safetensors).
   imagenet  torch-fidelity's "inception-v3-compat" with weights from a LOCAL file; reference =
             ADM's statistics .npz (mu, sigma; its arr_0 images, when present, serve KID/PRC).
-The reference decides the route: images -> `torch_fidelity.calculate_metrics` (one feature
-pass per input); a statistics .npz -> one feature pass of our images through torch-fidelity's
+The reference decides the route: images -> one feature pass per input through torch-fidelity's
+extraction, then its IS/FID/KID/PRC functions (what `calculate_metrics` does, without its
+pickled cache); a statistics .npz -> one feature pass of our images through torch-fidelity's
 own extraction, then its IS/KID/PRC functions and a float64 Frechet distance against the stats.
 Nothing here downloads: every extractor gets its weights from a path we checked first.
 """
@@ -228,6 +229,11 @@ def class_accuracy(images_uint8: torch.Tensor, labels, *, net: FeatureNet | None
     return float((pred == labels).float().mean())
 
 
+def _need_fidelity():
+    import d2c
+    d2c.require("torch_fidelity", "FID/IS/KID/precision-recall (d2c.metrics)")
+
+
 def _register_embedded_extractor():
     """Register "d2c-shapes-net" with torch-fidelity once (lazily: torch-fidelity is a harness extra)."""
     from torch_fidelity import FeatureExtractorBase, register_feature_extractor
@@ -297,6 +303,7 @@ def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
 def precision_recall(fake, real, k: int = 3) -> tuple[float, float]:
     """Improved precision/recall (Kynkaenniemi et al. 2019) with torch-fidelity's implementation:
     precision = share of fake points inside some real point's k-NN ball, recall = the reverse."""
+    _need_fidelity()
     from torch_fidelity.metric_prc import prc_features_to_metric
 
     out = prc_features_to_metric(torch.as_tensor(fake).float(), torch.as_tensor(real).float(),
@@ -450,6 +457,7 @@ def compute_metrics(images, *, mode: str = "embedded", reference=None, weights_p
       `weights_path` names its file) or "imagenet" ("inception-v3-compat" from the local `weights_path`).
       Only these two extractors: every other torch-fidelity extractor would download its weights.
     """
+    _need_fidelity()
     if mode not in ("embedded", "imagenet"):
         raise MetricsError(f"mode={mode!r}; allowed: embedded, imagenet")
     if not (isc or fid or kid or prc):
@@ -480,24 +488,64 @@ def compute_metrics(images, *, mode: str = "embedded", reference=None, weights_p
                         f"-net{_file_digest(weights_path)}")
 
     device = torch.device(device)
+    # cache=False: torch-fidelity reads its own cache back by full unpickling, so a file planted
+    # there would run code; reference features are cached by us, as safetensors
     kw = dict(feature_extractor=name, feature_extractor_weights_path=weights_path,
               cuda=device.type == "cuda", batch_size=batch_size, save_cpu_ram=True, verbose=False,
               datasets_download=False, prc_neighborhood=prc_neighborhood, prc_batch_size=2000,
-              rng_seed=2020, cache=ref_name is not None, cache_root=str(cache_dir / "fidelity"))
+              rng_seed=2020, cache=False)
     n1 = _input_len(input1)
     kw["isc_splits"] = max(1, min(isc_splits, n1))
     if stats is not None:
         return _metrics_vs_stats(input1, stats, isc, fid, kid, prc, kw, kid_subset_size, n1, reference)
 
-    import torch_fidelity
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+    from torch_fidelity.utils import resolve_feature_layer_for_metric
+
     input2 = _as_input(reference)
     kw["kid_subset_size"] = min(kid_subset_size, n1, _input_len(input2))
-    try:
-        out = torch_fidelity.calculate_metrics(input1=input1, input2=input2, input2_cache_name=ref_name,
-                                               isc=isc, fid=fid, kid=kid, prc=prc, **kw)
-    except RuntimeError as e:  # load_state_dict of a mismatching file
-        raise _load_error(name, weights_path, e) from None
+    # what torch_fidelity.calculate_metrics does with one extractor, minus its pickle cache
+    layer = {m: resolve_feature_layer_for_metric(m, **kw) for m in ("isc", "fid", "kid", "prc")}
+    on = {"isc": isc, "fid": fid, "kid": kid, "prc": prc}
+    f1 = _extract(input1, [layer[m] for m in on if on[m]], kw)
+    out = {}
+    if isc:
+        out.update(isc_featuresdict_to_metric(f1, layer["isc"], **kw))
+    if fid or kid or prc:
+        f2 = _reference_features(input2, ref_name, [layer[m] for m in ("fid", "kid", "prc") if on[m]], kw,
+                                 cache_dir / "reference_features")
+        if fid:
+            out.update(fid_statistics_to_metric(fid_featuresdict_to_statistics(f1, layer["fid"]),
+                                                fid_featuresdict_to_statistics(f2, layer["fid"]), False))
+        if kid:
+            out.update(kid_featuresdict_to_metric(f1, f2, layer["kid"], **kw))
+        if prc:
+            out.update(prc_featuresdict_to_metric(f1, f2, layer["prc"], **kw))
     return {_TF_KEYS[k]: float(v) for k, v in out.items() if k in _TF_KEYS}
+
+
+def _reference_features(inp, name, layers, kw, folder: Path) -> dict:
+    """Features of the reference set: from `folder/<name>-<layers>.safetensors` when `name` is
+    given and the file is there (nothing unpickled), else extracted (and then saved)."""
+    from safetensors.torch import load_file, save
+    if name is None:
+        return _extract(inp, layers, kw)
+    layers = sorted(set(layers))
+    path = folder / f"{name}-{'-'.join(layers)}.safetensors"
+    try:
+        feats = load_file(path)
+        if set(feats) == set(layers):
+            return feats
+    except Exception:   # missing, truncated or foreign: recompute and replace
+        pass
+    feats = {k: v.contiguous() for k, v in _extract(inp, layers, kw).items() if k in layers}
+    from d2c.checkpoint import atomic_write
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(save(feats)))
+    return feats
 
 
 def _extract(inp, layers, kw) -> dict:
@@ -548,6 +596,7 @@ def save_reference_stats(images, path, *, mode: str = "embedded", weights_path=N
                          batch_size: int = 64, cache_dir=DEFAULT_CACHE_DIR,
                          feature_net: FeatureNetConfig | None = None) -> Path:
     """Write mu/sigma (float64, ADM's key names) of real `images` to an .npz usable as `reference`."""
+    _need_fidelity()
     if mode == "imagenet":
         name, weights_path = IMAGENET_EXTRACTOR, _check_inception_weights(weights_path)
     else:
@@ -560,11 +609,10 @@ def save_reference_stats(images, path, *, mode: str = "embedded", weights_path=N
     from torch_fidelity.utils import resolve_feature_layer_for_metric
     layer = resolve_feature_layer_for_metric("fid", **kw)
     mu, sigma = feature_stats(_extract(_as_input(images), [layer], kw)[layer])
+    from d2c.checkpoint import atomic_write
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
     return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from d2c.config import TrainConfig, make_config
+from d2c.checkpoint import stable_hash
+from d2c.config import FAMILIES, TrainConfig, make_config
 from d2c.data.imagefolder import DataConfig, build_dataset
 from d2c.train import ImageSource, TokenSource, is_done, load_trained, train
 
-FAMILIES = ("llamagen", "mar", "d2c_cross_attn", "d2c_qformer")
 
 
 def _default_stages() -> dict:
@@ -52,12 +51,6 @@ def _default_stages() -> dict:
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     stages: dict = field(default_factory=_default_stages)
-
-
-def run_key(*parts) -> str:
-    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def mar_config(recipe: Recipe, family: str, stage: str = "mar") -> TrainConfig:
@@ -119,7 +112,7 @@ class Pipeline:
         from d2c.data.cache import dataset_identity
         model_cfg = make_config(cfg.preset, **cfg.overrides)
         data = (self.recipe.data, dataset_identity(self.dataset))
-        out = self.root / "ckpt" / f"{name}-{run_key(cfg, model_cfg, *data, *upstream)}"
+        out = self.root / "ckpt" / f"{name}-{stable_hash([cfg, model_cfg, *data, *upstream], length=12)}"
         if not is_done(out):
             with _stage_lock(out):   # concurrent processes (sweep cells) train a stage once
                 if not is_done(out):

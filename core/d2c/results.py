@@ -45,7 +45,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from d2c.checkpoint import atomic_write_text
+from d2c.checkpoint import atomic_write_text, json_default, pid_alive
 
 SCHEMA_VERSION = 1
 REQUIRED = ("schema", "cell_id", "status", "family", "config")
@@ -98,16 +98,6 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True   # someone else's process (or not a pid): assume alive
-    return True
-
-
 def _clean_stale_tmp(folder: Path, now: float | None = None) -> None:
     """Remove temp files of writers that died mid-write (SIGKILL, OOM, node loss): those of a
     dead pid on this host, and any older than STALE_TMP_S (a writer on another node: its pid
@@ -117,7 +107,7 @@ def _clean_stale_tmp(folder: Path, now: float | None = None) -> None:
     for p in folder.glob(".*.json.tmp*"):
         who, _, pid = p.name.rpartition(".tmp-")[2].rpartition("-")
         try:
-            dead_here = who == host and pid.isdigit() and not _pid_alive(int(pid))
+            dead_here = who == host and pid.isdigit() and not pid_alive(int(pid))
             if dead_here or now - p.lstat().st_mtime > STALE_TMP_S:
                 p.unlink()
         except FileNotFoundError:   # another writer cleaned it first
@@ -130,7 +120,7 @@ def write_record(results_dir, record: dict) -> Path:
     folder = safe_subdir(results_dir, "records")
     path = record_path(results_dir, record["cell_id"])
     _clean_stale_tmp(folder)
-    atomic_write_text(path, json.dumps(record, sort_keys=True, default=_json_default) + "\n", tmp=_tmp_name(path))
+    atomic_write_text(path, json.dumps(record, sort_keys=True, default=json_default) + "\n", tmp=_tmp_name(path))
     return path
 
 
@@ -214,13 +204,3 @@ def git_commit(repo_dir=None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return sha + ("+dirty" if dirty else "")
-
-
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

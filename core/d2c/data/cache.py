@@ -41,7 +41,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from d2c.checkpoint import fsync_path
+from d2c.checkpoint import fsync_path, json_default, pid_alive, stable_hash
 
 FORMAT_VERSION = 1
 MOMENTS_DTYPES = ("float32", "float16")
@@ -56,14 +56,6 @@ class CacheError(ValueError):
 # --------------------------------------------------------------------------- key
 
 
-def _json_default(o):
-    if dataclasses.is_dataclass(o):
-        return dataclasses.asdict(o)
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    return str(o)
-
-
 def tokenizer_fingerprint(model) -> Optional[str]:
     """SHA-256 of a tokenizer's class, config and weights (device- and order-independent)."""
     if model is None:
@@ -71,7 +63,7 @@ def tokenizer_fingerprint(model) -> Optional[str]:
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
     cfg = getattr(model, "cfg", None)
-    h.update(json.dumps(cfg, default=_json_default, sort_keys=True).encode())
+    h.update(json.dumps(cfg, default=json_default, sort_keys=True).encode())
     sd = model.state_dict()
     for name in sorted(sd):
         if name.split(".")[-1] in _IGNORED_STATE:
@@ -118,7 +110,7 @@ def token_cache_key(dataset, kl=None, vq=None, *, image_size: Optional[int] = No
         "moments_dtype": moments_dtype if kl is not None else None,
         "flip": "torch.flip(dims=[-1])",
     }
-    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=_json_default).encode()).hexdigest()
+    key = stable_hash(parts, length=64)
     return key, parts
 
 
@@ -162,22 +154,12 @@ def _collate(items):
             torch.tensor([int(y) for _, _, y in good], dtype=torch.int64))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_tmp(out_dir: Path, key: str) -> None:
     """Temp folders of killed builds of this key on this host (their pid is gone)."""
     host = socket.gethostname()
     for p in out_dir.glob(f".tmp-tokens-{key[:16]}-*"):
         h, _, pid = p.name[len(f".tmp-tokens-{key[:16]}-"):].rpartition("-")
-        if h == host and pid.isdigit() and not _pid_alive(int(pid)):
+        if h == host and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -316,7 +298,7 @@ def _write(dataset, tmp: Path, key, parts, kl, vq, batch_size, dev, progress, nu
     }
     del lab
     with open(tmp / "meta.json", "w") as f:
-        json.dump(meta, f, indent=1, default=_json_default)
+        json.dump(meta, f, indent=1, default=json_default)
         f.flush()
         os.fsync(f.fileno())
     fsync_path(tmp)

@@ -23,6 +23,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from d2c.cli import one_line
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jfif")
 ON_BAD = ("skip", "error")
 VERIFY = ("none", "header", "full")
@@ -34,11 +36,6 @@ class DataError(ValueError):
 
 class BadImageWarning(UserWarning):
     pass
-
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
 
 
 def center_crop_arr(pil_image, image_size: int):
@@ -136,7 +133,7 @@ class ImageFolder(torch.utils.data.Dataset):
                     img.size  # header parsed by open
             return None
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-            return _one_line(e)
+            return one_line(e, with_type=True)
 
     @property
     def num_bad(self) -> int:
@@ -161,14 +158,14 @@ class ImageFolder(torch.utils.data.Dataset):
             img = load_rgb(path)
         except Exception as e:
             if self.on_bad == "error":
-                raise DataError(f"unreadable image {path}: {_one_line(e)}") from None
+                raise DataError(f"unreadable image {path}: {one_line(e, with_type=True)}") from None
             if i not in self._bad_idx:
                 self._bad_idx.add(i)
                 self.bad.append(path)
                 if not self._warned:
                     self._warned = True
                     warnings.warn(f"ImageFolder {self.root}: skipping unreadable image {path} "
-                                  f"({_one_line(e)}); further ones are counted in .num_bad",
+                                  f"({one_line(e, with_type=True)}); further ones are counted in .num_bad",
                                   BadImageWarning, stacklevel=2)
             return None
         return pil_to_tensor(center_crop_arr(img, self.image_size)), label

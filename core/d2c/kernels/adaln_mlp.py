@@ -22,22 +22,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover
-    triton = None
+from d2c.kernels import tl, triton, triton_available
 
 HEAD_BACKENDS = ("auto", "reference", "torch", "triton")
 LN_EPS = 1e-6
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_available(device) -> bool:
-    return triton is not None and (torch.device(device).type == "cuda" or _interpreting())
 
 
 # ------------------------------------------------------------------------------ kernels

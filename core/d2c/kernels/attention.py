@@ -29,11 +29,7 @@ import torch.nn.functional as F
 
 from d2c.precision import accum_dtype
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - triton ships with the pinned torch; be safe anyway
-    triton = None
+from d2c.kernels import tl, triton, triton_available
 
 BACKENDS = ("auto", "reference", "sdpa", "triton")
 _ENV = "D2C_ATTENTION"
@@ -154,17 +150,6 @@ if triton is not None:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_available(device) -> bool:
-    """Whether a Triton kernel can run for tensors on `device` (CUDA, or CPU under the interpreter)."""
-    if triton is None:
-        return False
-    return torch.device(device).type == "cuda" or _interpreting()
 
 
 def _next_pow2(n: int) -> int:
