@@ -6,7 +6,7 @@ import torch
 
 import d2c
 from d2c.models.gpt import apply_rope, rope_2d_table
-from d2c.sampling import gpt_generate, top_k_top_p_filter
+from d2c.models.generate import gpt_generate, top_k_top_p_filter
 
 
 def tiny(dtype=torch.float32, head_std=0.5):

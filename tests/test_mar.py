@@ -8,7 +8,6 @@ import torch
 import d2c
 from d2c.checkpoint import CheckpointError
 from d2c.models.diffloss import DiffLoss
-from d2c.sampling import mar_sample
 
 
 def _randomize_zero_init(module, std=0.05, seed=1):
@@ -248,7 +247,7 @@ def test_out_of_range_inputs_raise_one_line():
     with pytest.raises(ValueError, match="codes"):
         m.condition(tokens, labels, mask)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 9\]"):
-        mar_sample(_tiny(), torch.tensor([-1]), steps=2)
+        _tiny().sample_tokens(torch.tensor([-1]), steps=2)
 
 
 # ------------------------------------------------------------------ fusion hooks
@@ -358,7 +357,7 @@ def test_diffloss_mask_average():
 def test_mar_sample_end_to_end(kind):
     m = _tiny(kind)
     _, labels, codes = _inputs(b=2)
-    lat, nfe = mar_sample(m, labels, steps=4, cfg=2.5, codes=codes, diffusion_steps=8,
+    lat, nfe = m.sample_tokens(labels, steps=4, cfg=2.5, codes=codes, diffusion_steps=8,
                           generator=torch.Generator().manual_seed(0))
     assert lat.shape == (2, 4, 8, 8) and torch.isfinite(lat).all()
     assert nfe == {"mar_steps": 4, "diffusion_steps": 4 * 8}
@@ -370,7 +369,7 @@ def test_mar_sample_seeded_and_cfg_one_is_conditional():
 
     def run(seed, **kw):
         torch.manual_seed(seed + 100)                        # the global RNG must not matter
-        return mar_sample(m, labels, steps=3, diffusion_steps=6, generator=torch.Generator().manual_seed(seed), **kw)[0]
+        return m.sample_tokens(labels, steps=3, diffusion_steps=6, generator=torch.Generator().manual_seed(seed), **kw)[0]
 
     a = run(0, cfg=3.0)
     assert torch.equal(a, run(0, cfg=3.0))
@@ -397,8 +396,8 @@ def test_mar_sample_reveals_on_cosine_schedule(schedule):
         return orig(z, temperature, cfg, **k)
 
     m.diffloss.sample = spy
-    mar_sample(m, torch.tensor([0, 1]), steps=5, cfg=3.0, cfg_schedule=schedule, diffusion_steps=2,
-               generator=torch.Generator().manual_seed(0))
+    m.sample_tokens(torch.tensor([0, 1]), steps=5, cfg=3.0, cfg_schedule=schedule, diffusion_steps=2,
+                    generator=torch.Generator().manual_seed(0))
     L, left, want = 64, 64, []
     for s in range(5):
         nxt = max(1, min(left - 1, math.floor(L * math.cos(math.pi / 2 * (s + 1) / 5))))

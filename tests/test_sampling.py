@@ -49,12 +49,11 @@ def test_d2c_stage2_sees_stage1_codes(models):
         torch.nn.init.normal_(mar.fusion.out.weight, std=0.5)
         for p in mar.diffloss.parameters():
             p.normal_(0, 0.05)
-    from d2c.sampling import mar_sample
-    labels = torch.tensor([1, 2])
+        labels = torch.tensor([1, 2])
     a = torch.randint(0, 512, (2, 64))
     b = a.clone(); b[0, :10] = (b[0, :10] + 7) % 512
-    la, _ = mar_sample(mar, labels, steps=3, codes=a, generator=torch.Generator().manual_seed(0))
-    lb, _ = mar_sample(mar, labels, steps=3, codes=b, generator=torch.Generator().manual_seed(0))
+    la, _ = mar.sample_tokens(labels, steps=3, codes=a, generator=torch.Generator().manual_seed(0))
+    lb, _ = mar.sample_tokens(labels, steps=3, codes=b, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(la[0], lb[0])
     torch.testing.assert_close(la[1], lb[1])
 

@@ -14,3 +14,12 @@ def check_ids(x: torch.Tensor, hi: int, what: str, note: str = "") -> None:
     lo_v, hi_v = torch.stack([x.min(), x.max()]).tolist()
     if lo_v < 0 or hi_v > hi:
         raise ValueError(f"{what} must be in [0, {hi}]{note}; got values in [{lo_v}, {hi_v}]")
+
+
+def compiled(module, name: str):
+    """`module.name` under torch.compile(dynamic=True), cached on the module: dynamic shapes
+    cover the changing KV length (GPT) and kept-token counts (MAR) without recompiling."""
+    cache = module.__dict__.setdefault("_d2c_compiled", {})
+    if name not in cache:
+        cache[name] = torch.compile(getattr(module, name), dynamic=True)
+    return cache[name]

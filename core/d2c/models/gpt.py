@@ -9,7 +9,7 @@ so its public `c2i_*.pt` files ({"model": sd}) load with strict=True; nothing el
     model = Transformer(cfg)
     logits = model(codes, labels)            # (B, T, vocab), teacher forced, fp32
     loss = model.loss(codes, labels)         # CE in fp32
-Generation with the KV cache is `d2c.sampling.gpt_generate`.
+Generation with the KV cache is `d2c.models.generate.gpt_generate` (LlamaGen's generate.py).
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ Training step (`forward`):
   loss: DiffLoss on (target token, z), `diffusion_batch_mul` draws each, masked tokens only.
 Fusion (kind != "none"): disc = fusion.embed(codes, drop) once; qformer adds fusion.buffer(disc)
 to the first num_queries buffer slots; cross_attn runs after the chosen decoder blocks.
+Sampling (`sample_tokens`, MAR's name): rounds of the encoder/decoder on the known tokens and
+the diffusion head on the tokens whose turn has come (sec. 3.4).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from d2c.config import MARConfig, validate
 from d2c.kernels.attention import attention
-from d2c.models import check_ids
+from d2c.models import check_ids, compiled
 from d2c.models.diffloss import DiffLoss
 from d2c.models.fusion import Fusion
 
@@ -281,3 +283,81 @@ class MAR(nn.Module):
         drop = (torch.rand(b, device=x.device) < self.label_drop_prob) if self.training else None
         z = self.condition(x, labels, mask, codes=codes, drop=drop)
         return self.forward_loss(z, target, mask)
+
+    # -------------------------------------------------------------- sampling
+    @torch.inference_mode()
+    def sample_tokens(self, labels, *, steps: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
+                      temperature: float = 1.0, codes=None, generator=None, diffusion_steps=None,
+                      progress: bool = False, compile: bool = False):
+        """MAR's sampler (Li et al. 2024, sec. 3.4): `steps` rounds; each round runs the MAE
+        encoder/decoder on the tokens known so far and samples, with the diffusion head, the tokens
+        whose turn has come in a random order per sample.  The masked count after round k follows
+        MaskGIT's cosine schedule floor(L cos(pi/2 (k+1)/steps)), clamped to [1, masked - 1]; the
+        last round predicts every remaining token.  CFG (cfg != 1): a [cond; uncond] batch, the
+        unconditional half with the null class and null codes, guidance scale linear in the revealed
+        fraction, 1 + (cfg - 1)(L - masked_next)/L ("linear"), or `cfg` throughout ("constant").
+
+        labels (B,) long; codes (B, seq_len) stage-1 codes (required by fusion models).  All
+        randomness comes from `generator` (on the model's device), so a seed reproduces the output.
+        Returns (latents (B, C, h, w), {"mar_steps", "diffusion_steps"}): diffusion_steps counts
+        every reverse step run by the head (one batched head call per step).
+        compile=True: the encoder/decoder under torch.compile (dynamic shapes) and the diffusion
+        head's fused step compiled (CPU) or captured as a CUDA graph (GPU); same seed, same tokens
+        up to float reassociation.
+        """
+        if steps < 1:
+            raise ValueError(f"steps={steps}; allowed: integers >= 1")
+        if cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule={cfg_schedule!r}; allowed: linear, constant")
+        device = self.mask_token.device
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+        b, L, c = labels.shape[0], self.seq_len, self.token_embed_dim
+        if codes is not None:
+            codes = torch.as_tensor(codes, device=device).reshape(b, -1)
+        guided = cfg != 1.0
+        n_diff = int(diffusion_steps or self.diffloss.num_sampling_steps)
+
+        tokens = torch.zeros(b, L, c, device=device)
+        mask = torch.ones(b, L, dtype=torch.bool, device=device)
+        orders = self.sample_orders(b, generator=generator, device=device)
+        if guided:
+            labels_in = torch.cat([labels, labels])
+            drop = torch.cat([torch.zeros(b, dtype=torch.bool, device=device),
+                              torch.ones(b, dtype=torch.bool, device=device)])
+            codes_in = None if codes is None else torch.cat([codes, codes])
+        else:
+            labels_in, drop, codes_in = labels, None, codes
+
+        condition = compiled(self, "condition") if compile else self.condition
+        head_impl = ("graph" if device.type == "cuda" else "compiled") if compile else None
+        rounds = range(steps)
+        if progress:
+            from tqdm.auto import tqdm
+            rounds = tqdm(rounds, desc="mar")
+        n_masked, reverse_steps = L, 0
+        for step in rounds:
+            if n_masked == 0:
+                break
+            tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
+            z = condition(tok_in, labels_in, mask_in, codes=codes_in, drop=drop)
+
+            # masked count after this round; every row has the same count (orders differ)
+            n_next = math.floor(L * math.cos(math.pi / 2 * (step + 1) / steps))
+            n_next = max(1, min(n_masked - 1, n_next))
+            if step == steps - 1:
+                to_pred, mask_next = mask, torch.zeros_like(mask)
+            else:
+                mask_next = torch.zeros_like(mask).scatter(1, orders[:, :n_next], True)
+                to_pred = mask & ~mask_next
+            scale = 1 + (cfg - 1) * (L - n_next) / L if cfg_schedule == "linear" else cfg
+
+            zc = z[:b][to_pred]                                        # row-major: matches tokens[to_pred]
+            if zc.shape[0]:
+                zz = torch.cat([zc, z[b:][to_pred]]) if guided else zc
+                x = self.diffloss.sample(zz, temperature, scale, generator=generator,
+                                          num_steps=n_diff, guided=guided, impl=head_impl)
+                tokens[to_pred] = x[:zc.shape[0]].to(tokens.dtype)
+                reverse_steps += n_diff
+            mask = mask_next
+            n_masked = 0 if step == steps - 1 else n_next
+        return self.unpatchify(tokens), {"mar_steps": steps, "diffusion_steps": reverse_steps}
