@@ -1,4 +1,4 @@
-"""Tiny end-to-end sample: `python -m d2c.demo` (what `make run` does until the harness lands).
+"""Tiny end-to-end sample in seconds: `python -m d2c.demo` (or `d2c-demo`; `make demo`).
 
 Builds the tiny presets with random weights, samples a batch through each family
 (LlamaGen, MAR, D2C-qformer), and writes one PNG grid per family.
@@ -44,7 +44,7 @@ def _run(args):
         print(f"{name:12s} {len(labels) / t['total']:7.1f} img/s  "
               f"stage1 {t.get('stage1', 0):.2f}s stage2 {t.get('stage2', 0):.2f}s decode {t['decode']:.2f}s  "
               f"nfe {res.nfe}  -> {path}")
-    print(f"wrote sample grids to {out.resolve()} (untrained tiny models: noise until training lands)")
+    print(f"wrote sample grids to {out.resolve()} (random weights: noise; `make run` trains real models)")
 
 
 if __name__ == "__main__":

@@ -407,6 +407,7 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
     writer = None
     if cfg.tensorboard and rank == 0:
+        d2c.require("tensorboard", "TrainConfig.tensorboard=True (logs in <run>/tb)")
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tb"))
     bar = None
