@@ -1,4 +1,4 @@
-"""One-call GPU check of the issue-6 kernels: correctness against float64 references, then
+"""One-call GPU check of the kernels: correctness against float64 references, then
 timings with CUDA events (medians).  Self-contained (no pytest); exits 0 with a message when
 there is no CUDA.
 

@@ -1,4 +1,4 @@
-"""torch.compile switch (issue 6): the compiled samplers give eager's outputs for a seed, and
+"""torch.compile switch: the compiled samplers give eager's outputs for a seed, and
 the changing token counts of MAR rounds / KV lengths of GPT steps do not recompile.
 Compiling costs tens of seconds on a 2-core CPU, hence `slow`."""
 import pytest

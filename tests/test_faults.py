@@ -1,4 +1,4 @@
-"""Issue 7 part B, faults at the harness level (ablations/run.py): every fault is injected.
+"""Faults at the harness level (ablations/run.py): every fault is injected.
 
   record writes   SIGKILL in the middle of writing a record -> the old record or none, never half;
                   a rerun leaves exactly one whole record per cell and no temp files

@@ -1,4 +1,4 @@
-"""Triton kernels (issue 6) against their float64 references, run by Triton's interpreter on
+"""Triton kernels against their float64 references, run by Triton's interpreter on
 CPU (tests/conftest.py sets TRITON_INTERPRET=1 before any import).  Small shapes: the
 interpreter is 400-4000x slower than a GPU.  Output buffers start as NaN, so an element the
 kernel forgets to write fails the comparison."""

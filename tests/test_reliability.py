@@ -1,4 +1,4 @@
-"""Issue 7, reliability and security: every fault is injected, and each one must be loud (one
+"""Reliability and security: every fault is injected, and each one must be loud (one
 line, a d2c error type, exit 2 at the CLI), local (nothing already written is damaged) and
 recoverable (a rerun completes with the weights of an uninterrupted run)."""
 import json
