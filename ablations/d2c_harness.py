@@ -451,7 +451,7 @@ def _distributed() -> tuple[int, int]:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     except Exception:
         pass
-    from d2c.train import dist_env
+    from d2c.distributed import dist_env
     rank, world, _ = dist_env()
     return rank, world
 
@@ -479,7 +479,7 @@ def run_cell(c: dict, cell_id: str, train_key: str, log=print) -> dict:
             raise RuntimeError(f"fault injected by fault={c['fault']}")
         pipe = Pipeline(build_recipe(c), root=results, device=c["device"], log=log)
         if world > 1:   # every rank in the process group before the first stage (see pipeline._stage_lock)
-            from d2c.train import init_distributed
+            from d2c.distributed import init_distributed
             import torch.distributed as dist
             init_distributed(pipe.device)
             dist.barrier()

@@ -159,6 +159,7 @@ def test_usr2_in_job_checkpoints_training_then_hands_over_to_submitit(tmp_path, 
     checkpoints (Preempted), then submitit's own handler runs (it calls checkpoint() and
     requeues); handlers and the stop flag are restored afterwards."""
     import d2c.train as T
+    from d2c.checkpoint import is_done
     from test_reliability import cfg_, src
 
     # the stock launcher class our launcher calls through super(): taken from the MRO, because
@@ -193,7 +194,7 @@ def test_usr2_in_job_checkpoints_training_then_hands_over_to_submitit(tmp_path, 
         # the requeued job resumes and finishes
         monkeypatch.setattr(T, "lr_at", real_lr)
         assert _launcher()(["seed=1"], "hydra.sweep.dir", 0, "job_id_for_0", {}) == "finished"
-        assert T.is_done(tmp_path / "run") and calls == [signal.SIGUSR2]
+        assert is_done(tmp_path / "run") and calls == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, prev)
 

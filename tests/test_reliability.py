@@ -20,7 +20,9 @@ import d2c
 import d2c.train as T
 from d2c.checkpoint import CheckpointError, load_state_dict_file, save_safetensors
 from d2c.config import TrainConfig, validate
-from d2c.train import NonFiniteLoss, Preempted, TokenSource, load_trained, train
+from d2c.checkpoint import is_done, load_trained
+from d2c.data.batches import TokenSource
+from d2c.train import NonFiniteLoss, Preempted, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1",
@@ -76,13 +78,14 @@ import os, signal, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
+import d2c.checkpoint as C
 import d2c.train as T
 from test_reliability import cfg_, src
 point, out = sys.argv[1], Path(sys.argv[2])
 calls = {"sf": 0, "save": 0, "fsync": 0}
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 
-real_sf = T.save_safetensors
+real_sf = C.save_safetensors
 def sf(obj, path):                      # calls 1, 2: checkpoint 2 (model, ema); 3, 4: checkpoint 4
     calls["sf"] += 1
     if (point, calls["sf"]) in (("model_half", 3), ("ema_half", 4)):
@@ -91,7 +94,7 @@ def sf(obj, path):                      # calls 1, 2: checkpoint 2 (model, ema);
         Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}").write_bytes(blob[: len(blob) // 2])
         die()
     return real_sf(obj, path)
-T.save_safetensors = sf
+C.save_safetensors = sf
 
 real_save = torch.save
 def tsave(obj, f, *a, **k):             # state.pt of checkpoint 4: half written, then dead
@@ -101,22 +104,22 @@ def tsave(obj, f, *a, **k):             # state.pt of checkpoint 4: half written
         Path(f).write_bytes(Path(f).read_bytes()[:100])
         die()
     return real_save(obj, f, *a, **k)
-T.torch.save = tsave
+C.torch.save = tsave
 
-real_fsync = T.fsync_path
+real_fsync = C.fsync_path
 def fsync(p):                            # checkpoint 4 renamed into place, folder not yet fsynced
     real_fsync(p)
     if point == "after_rename" and Path(p) == out and (out / "step_0000004").exists():
         die()
-T.fsync_path = fsync
+C.fsync_path = fsync
 
-real_rmtree = T.shutil.rmtree
+real_rmtree = C.shutil.rmtree
 def rmtree(p, *a, **k):                  # pruning step_2 (keep=1): one file gone, then dead
     if point == "prune" and ".del_step_0000002" in str(p):
         next(Path(p).iterdir()).unlink()
         die()
     return real_rmtree(p, *a, **k)
-T.shutil.rmtree = rmtree
+C.shutil.rmtree = rmtree
 
 T.train(cfg_(keep_checkpoints=1 if point == "prune" else 2), src(), out)
 """
@@ -224,7 +227,7 @@ def test_stop_during_the_last_step_finishes_then_exits(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "lr_at", lambda step, cfg: (T.request_stop() if step == 3 else None) or real(step, cfg))
     with pytest.raises(Preempted) as e:
         train(cfg_(), src(), tmp_path / "r")
-    assert e.value.step == 4 and T.is_done(tmp_path / "r")     # the requeued job finds it finished
+    assert e.value.step == 4 and is_done(tmp_path / "r")     # the requeued job finds it finished
     assert not T._stop.is_set()
 
 

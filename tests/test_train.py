@@ -13,7 +13,9 @@ import torch
 import d2c
 from d2c.config import TrainConfig
 from d2c.data.shapes import make_shapes
-from d2c.train import ImageSource, TokenSource, batch_indices, load_trained, lr_at, param_groups, train
+from d2c.checkpoint import load_trained
+from d2c.data.batches import ImageSource, TokenSource, batch_indices
+from d2c.train import lr_at, param_groups, train
 
 
 class MemoryCache:
@@ -121,8 +123,8 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     src = TokenSource(MemoryCache())
     train(_cfg(steps=2), src, tmp_path / "r")
     good = _weights(tmp_path / "r")
-    import d2c.train as T
-    real = T.save_safetensors
+    import d2c.checkpoint as C
+    real = C.save_safetensors
     calls = {"n": 0}
 
     def dying(obj, path):
@@ -131,10 +133,10 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
             path.write_bytes(b"\x00" * 17)
             raise KeyboardInterrupt("killed")
         return real(obj, path)
-    monkeypatch.setattr(T, "save_safetensors", dying)
+    monkeypatch.setattr(C, "save_safetensors", dying)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(steps=4), src, tmp_path / "r")
-    monkeypatch.setattr(T, "save_safetensors", real)
+    monkeypatch.setattr(C, "save_safetensors", real)
     loaded = _weights(tmp_path / "r")      # the previous checkpoint, intact
     for k in good:
         assert torch.equal(good[k], loaded[k])
@@ -146,7 +148,8 @@ _KILL_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_train import MemoryCache, _cfg
-from d2c.train import TokenSource, train
+from d2c.data.batches import TokenSource
+from d2c.train import train
 train(_cfg(steps=400, ckpt_every=1, keep_checkpoints=2), TokenSource(MemoryCache()), {out!r})
 """
 

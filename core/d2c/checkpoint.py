@@ -1,7 +1,8 @@
-"""Weights in and out, and the file-level mechanics every writer shares: one atomic writer, the
-stable config hash that names run folders and caches, the liveness test for stale temp files.
-Loading never unpickles code: safetensors, or `torch.load(weights_only=True)` for the public
-`.pt`/`.ckpt` containers."""
+"""Weights in and out: public checkpoint files, our safetensors, and the run folders of training
+(`step_XXXXXXX/` checkpoints, `config.json`, `DONE`); plus the file mechanics every writer
+shares: one atomic writer, the stable config hash that names run folders and caches, the
+liveness test for stale temp files.  Loading never unpickles code: safetensors, or
+`torch.load(weights_only=True)` for the public `.pt`/`.ckpt` containers."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -168,3 +170,103 @@ def save_safetensors(model_or_sd, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(save(sd)))
+
+
+# --------------------------------------------------------------------------- run folders
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """The complete checkpoints of a run folder, oldest first."""
+    return sorted(p for p in out.glob("step_*") if p.is_dir() and (p / "state.pt").is_file())
+
+
+def save_checkpoint(out: Path, step: int, model, ema_shadow: dict, opt, keep: int, extra: dict | None = None):
+    """Folder step_XXXXXXX with model/ema safetensors + state.pt (optimizer, step, RNG);
+    written under a temp name and renamed, so only complete checkpoints carry the final name."""
+    final = out / f"step_{step:07d}"
+    tmp = out / f".tmp_step_{step:07d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_safetensors(model, tmp / "model.safetensors")
+    save_safetensors(ema_shadow, tmp / "ema.safetensors")
+    torch.save({"step": step, "optimizer": opt.state_dict(), **(extra or {})}, tmp / "state.pt")
+    fsync_path(tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(out)
+    for old in checkpoint_dirs(out)[:-keep]:
+        # rename first: a kill during rmtree leaves a dot-folder (cleaned later), never a
+        # half-deleted step_* folder that still looks like a checkpoint
+        trash = out / f".del_{old.name}_{os.getpid()}"
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(out: Path, model, opt) -> tuple[int, dict, dict]:
+    """Restore the newest checkpoint of `out` into model and optimizer; returns (step, EMA
+    shadow, state extras).  A damaged one is one line naming the folder and how to go on."""
+    ckpts = checkpoint_dirs(out)
+    last = ckpts[-1]
+    try:
+        load_into(model, load_state_dict_file(last / "model.safetensors"), source=str(last))
+        shadow = load_state_dict_file(last / "ema.safetensors")
+        state = safe_torch_load(last / "state.pt")
+    except CheckpointError as e:
+        # checkpoints are written atomically, so this is outside damage: say so, and how to go on
+        hint = f"; move {last} away to resume from {ckpts[-2].name}" if len(ckpts) > 1 else ""
+        raise CheckpointError(f"cannot resume: {e}{hint}") from None
+    opt.load_state_dict(state["optimizer"])
+    return state["step"], shadow, state
+
+
+def clean_stale(out: Path) -> None:
+    """Leftovers of a killed writer (temp checkpoint folders, half-pruned ones, temp files).
+    Safe: one writer per run folder (the pipeline's stage lock; DDP writes from rank 0 only)."""
+    for p in [*out.glob(".tmp_step_*"), *out.glob(".del_step_*")]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in out.glob(".*.tmp[0-9]*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def run_config_json(train_cfg, model_cfg) -> dict:
+    return {"train": dataclasses.asdict(train_cfg), "model": dataclasses.asdict(model_cfg)}
+
+
+def is_done(out) -> bool:
+    return (Path(out) / "DONE").is_file()
+
+
+def load_trained(out, ema: bool = True, device="cpu"):
+    """The model of a finished (or interrupted) run, EMA weights by default, in eval mode."""
+    import d2c
+    out = Path(out)
+    meta = json.loads((out / "config.json").read_text())
+    tc = meta["train"]
+    model = d2c.build(tc["preset"], **_overrides_from_json(meta["model"], tc["preset"]))
+    dirs = checkpoint_dirs(out)
+    if not dirs:
+        raise FileNotFoundError(f"{out}: no checkpoint (step_*/) found; train the stage first")
+    load_into(model, load_state_dict_file(dirs[-1] / ("ema.safetensors" if ema else "model.safetensors")),
+              source=str(dirs[-1]))
+    return model.to(device).eval()
+
+
+def _overrides_from_json(model_cfg: dict, preset: str) -> dict:
+    """Every saved model field, tuples restored, so the rebuilt model equals the trained one."""
+    from d2c.config import make_config
+    base = make_config(preset)
+    out = {}
+    for f in dataclasses.fields(base):
+        if f.name not in model_cfg:
+            # a field added after this run was saved: its class default is the behaviour the run had
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            continue
+        v = model_cfg[f.name]
+        if isinstance(getattr(base, f.name), tuple) and isinstance(v, list):
+            v = tuple(v)
+        if f.name == "fusion" and isinstance(v, dict) and isinstance(v.get("layers"), list):
+            v = {**v, "layers": tuple(v["layers"])}
+        out[f.name] = v
+    return out

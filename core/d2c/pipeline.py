@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from d2c.checkpoint import stable_hash
 from d2c.config import FAMILIES, TrainConfig, make_config
 from d2c.data.imagefolder import DataConfig, build_dataset
-from d2c.train import ImageSource, TokenSource, is_done, load_trained, train
+from d2c.checkpoint import is_done, load_trained, stable_hash
+from d2c.data.batches import ImageSource, TokenSource
+from d2c.train import train
 
 
 
@@ -67,7 +68,7 @@ def _stage_lock(out: Path):
     """Exclusive flock on `<out>.lock` (released by the kernel if the holder dies).  In a
     multi-rank job the ranks train the stage together (DDP; a lock would deadlock them): barriers
     instead, so that every rank sees the same DONE state (needs the process group set up first)."""
-    from d2c.train import dist_env
+    from d2c.distributed import dist_env
     if dist_env()[1] > 1:
         import torch.distributed as dist
         if dist.is_initialized():
