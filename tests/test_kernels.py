@@ -9,7 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from d2c.kernels import adaln_mlp  # noqa: E402
+from d2c.kernels import adaln_mlp, head_sampling  # noqa: E402
 from d2c.kernels.attention import (attention, attention_backend, attention_reference,  # noqa: E402
                                    attention_triton, resolve_backend)
 
@@ -207,11 +207,11 @@ def test_head_dispatch_and_packed_cache(monkeypatch):
     with pytest.raises(ValueError, match="allowed"):
         adaln_mlp.resolve_head_backend("cpu")
     dl = _random_head()
-    pk = dl.packed_head()
-    assert dl.packed_head() is pk                             # stable while weights are unchanged
+    pk = head_sampling.packed_head(dl)
+    assert head_sampling.packed_head(dl) is pk                   # stable while weights are unchanged
     with torch.no_grad():
         dl.net.res_blocks[0].mlp[0].weight.add_(1.0)
-    assert dl.packed_head() is not pk                         # an in-place update rebuilds it
+    assert head_sampling.packed_head(dl) is not pk               # an in-place update rebuilds it
 
 
 @pytest.mark.parametrize("guided", [False, True])

@@ -174,24 +174,14 @@ class GaussianDiffusion:
         return mean, self._coef("posterior_variance", t, xt), self._coef("posterior_log_variance_clipped", t, xt)
 
     # -- reverse process from a model output
+    def step_coefs(self, t: torch.Tensor, x: torch.Tensor) -> tuple:
+        """The STEP_COEFS arrays at t, broadcastable to x (what `p_mean_variance` needs)."""
+        return tuple(self._coef(name, t, x) for name in STEP_COEFS)
+
     def p_mean_variance(self, out, x, t, clip_x0: float | None = None):
-        """Split out = [eps, v]; return (mean, log_variance, pred_x0) of p(x_{t-1} | x_t).
-        clip_x0: clamp pred_x0 to [-clip_x0, clip_x0] (guided-diffusion's clip_denoised with a
-        bound; MAR samples unclipped).  At t = T-1 the cosine schedule's beta = 0.999 makes
-        pred_x0 = x / sqrt(abar) amplify eps errors ~1e4x: an under-trained head (a few hundred
-        CPU steps) then diverges (measured: sampled latents std ~1600 for unit-std data)."""
-        c = x.shape[1]
-        eps, v = out[:, :c], out[:, c:]
-        min_log = self._coef("posterior_log_variance_clipped", t, x)
-        max_log = self._coef("log_betas", t, x)
-        frac = (v + 1) / 2                                             # v in [-1, 1] -> [0, 1]
-        log_var = frac * max_log + (1 - frac) * min_log                # IDDPM eq. 15
-        pred_x0 = self._coef("sqrt_recip_alphas_cumprod", t, x) * x - \
-            self._coef("sqrt_recipm1_alphas_cumprod", t, x) * eps
-        if clip_x0 is not None:
-            pred_x0 = pred_x0.clamp(-clip_x0, clip_x0)
-        mean, _, _ = self.q_posterior_mean_variance(pred_x0, x, t)     # DDPM eq. 7 with x0 := pred
-        return mean, log_var, pred_x0
+        """(mean, log_variance, pred_x0) of p(x_{t-1} | x_t) for out = [eps, v]; see
+        `p_mean_variance_from` (the same math on coefficients already looked up)."""
+        return p_mean_variance_from(out, x, self.step_coefs(t, x), clip_x0)
 
     def vb_terms_bpd(self, out, x0, xt, t):
         """L_vb per row in bits: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)); decoder NLL at t = 0."""
@@ -218,10 +208,9 @@ class GaussianDiffusion:
                  clip_x0: float | None = None):
         """One ancestral step x_t -> x_{t-1}; the noise std is multiplied by `temperature`."""
         out = model_fn(x, self._model_t(t))
-        mean, log_var, _ = self.p_mean_variance(out, x, t, clip_x0)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))   # no noise at the last step
-        return mean + nonzero * torch.exp(0.5 * log_var) * (temperature * noise)
+        return reverse_step(out, x, self.step_coefs(t, x), noise, temperature, clip_x0, nonzero)
 
     def p_sample_loop(self, model_fn: Callable, noise, *, temperature: float = 1.0, generator=None,
                       progress: bool = False, clip_x0: float | None = None):
@@ -235,6 +224,48 @@ class GaussianDiffusion:
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             x = self.p_sample(model_fn, x, t, temperature=temperature, generator=generator, clip_x0=clip_x0)
         return x
+
+
+# ------------------------------------------------------------------------------ one reverse step
+# Coefficients of one step, in the order p_mean_variance_from takes them (IDDPM / ADM names).
+STEP_COEFS = ("posterior_log_variance_clipped", "log_betas", "sqrt_recip_alphas_cumprod",
+              "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2")
+
+
+def p_mean_variance_from(out, x, coefs, clip_x0=None):
+    """Split out = [eps, v] (C channels each); return (mean, log_variance, pred_x0) of
+    p(x_{t-1} | x_t) from the STEP_COEFS values at t (tensors broadcastable to x).
+
+    clip_x0: clamp pred_x0 to [-clip_x0, clip_x0] (a float, a 0-d tensor, or None for none;
+    guided-diffusion's clip_denoised with a bound; MAR samples unclipped).  At t = T-1 the cosine
+    schedule's beta = 0.999 makes pred_x0 = x / sqrt(abar) amplify eps errors ~1e4x: an
+    under-trained head (a few hundred CPU steps) then diverges (measured: sampled latents std
+    ~1600 for unit-std data)."""
+    c = x.shape[1]
+    eps, v = out[:, :c], out[:, c:]
+    min_log, max_log, sr, srm1, c1, c2 = coefs
+    frac = (v + 1) / 2                                                 # v in [-1, 1] -> [0, 1]
+    log_var = frac * max_log + (1 - frac) * min_log                    # IDDPM eq. 15
+    pred_x0 = sr * x - srm1 * eps                                      # x0 = x_t / sqrt(ab) - sqrt(1/ab - 1) eps
+    if clip_x0 is not None:
+        pred_x0 = pred_x0.clamp(-clip_x0, clip_x0)
+    return c1 * pred_x0 + c2 * x, log_var, pred_x0                     # DDPM eq. 7 with x0 := pred
+
+
+def reverse_step(out, x, coefs, noise, temperature, clip_x0, nonzero):
+    """The one reverse step every sampler runs (eager, fused, compiled, CUDA graph): x_t ->
+    x_{t-1} = mean + nonzero * exp(log_var / 2) * temperature * noise, where `nonzero` is 0 at
+    the last step (no noise added) and 1 elsewhere."""
+    mean, log_var, _ = p_mean_variance_from(out, x, coefs, clip_x0)
+    return mean + nonzero * torch.exp(0.5 * log_var) * (temperature * noise)
+
+
+def cfg_output(out, cfg):
+    """Guided model output from a [cond; uncond] batch (2N rows): eps = eps_u + cfg (eps_c - eps_u)
+    (CFG on eps only), the variance channels from the conditional half (MAR's layout); N rows."""
+    n, c = out.shape[0] // 2, out.shape[1] // 2
+    (eps_c, eps_u), v = out[:, :c].chunk(2), out[:n, c:]
+    return torch.cat([eps_u + cfg * (eps_c - eps_u), v], dim=1)
 
 
 def create_diffusion(timestep_respacing="", num_timesteps: int = 1000) -> GaussianDiffusion:

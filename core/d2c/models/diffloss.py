@@ -4,18 +4,9 @@ x_t (C channels) given its timestep and the MAR condition z; parameter names are
 
 Per reverse step the work is: y = t_emb + cond_emb (cond_emb computed once per call), then
 `depth` ResBlocks, each a pure function of (x, y) -- the unit a fused kernel replaces -- then
-the final AdaLN layer.
-
-Sampling implementations (`DiffLoss.sample(impl=...)`, default `DiffLoss.sample_impl`):
-  eager     the nn.Module forward inside GaussianDiffusion.p_sample_loop (the reference).
-  fused     one step = one pure function of tensors (`_fused_step`): packed AdaLN GEMM + the
-            fused trunk of d2c.kernels.adaln_mlp (Triton on CUDA, PyTorch ops on CPU).
-  compiled  the same step under torch.compile(dynamic=True); rows padded to a multiple of 8 so
-            the changing token counts of MAR's rounds never specialise a graph (no recompiles).
-  graph     CUDA only: the step captured once per row bucket (powers of two) as a CUDA graph
-            and replayed 100x, so a step costs one launch (falls back to compiled off CUDA).
-Every implementation draws the same noise from the caller's generator in the same order
-(x_T, then one (n, C) draw per step, outside any graph), so a seed gives the same tokens.
+the final AdaLN layer; then d2c.diffusion.reverse_step.  `sample(impl="eager")` (the default)
+is the nn.Module forward inside GaussianDiffusion.p_sample_loop; the fused / compiled / CUDA
+graph paths run the same step from d2c.kernels.head_sampling.
 """
 from __future__ import annotations
 
@@ -25,13 +16,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-import torch.nn.functional as F
-
-from d2c.diffusion import GaussianDiffusion, create_diffusion
-from d2c.kernels import adaln_mlp
+from d2c.diffusion import GaussianDiffusion, cfg_output, create_diffusion
+from d2c.kernels import head_sampling
 from d2c.precision import accum_dtype
-
-SAMPLE_IMPLS = ("eager", "fused", "compiled", "graph")
 
 
 def modulate(x, shift, scale):
@@ -160,6 +147,8 @@ class DiffLoss(nn.Module):
         mask = mask.to(loss.dtype)
         return (loss * mask).sum() / mask.sum()
 
+    sample_impl = "eager"
+
     def sample(self, z, temperature: float = 1.0, cfg: float = 1.0, *, generator=None,
                num_steps: int | None = None, guided: bool | None = None, progress: bool = False,
                impl: str | None = None):
@@ -168,197 +157,26 @@ class DiffLoss(nn.Module):
         Guided (default when cfg != 1): z = [z_cond; z_uncond] (N = 2M); both halves run on the
         same x_t and eps = eps_u + cfg (eps_c - eps_u) at every step; the variance comes from
         the conditional half.  The result has N rows, the two halves identical (MAR's layout).
-        `impl`: see the module docstring (default `self.sample_impl`, "eager").
+        `impl`: eager (default `self.sample_impl`), or a fast path of d2c.kernels.head_sampling.
         """
         guided = (cfg != 1.0) if guided is None else guided
         impl = impl or self.sample_impl
-        if impl not in SAMPLE_IMPLS:
-            raise ValueError(f"DiffLoss impl {impl!r}; allowed: {', '.join(SAMPLE_IMPLS)}")
+        if impl not in head_sampling.IMPLS:
+            raise ValueError(f"DiffLoss impl {impl!r}; allowed: {', '.join(head_sampling.IMPLS)}")
         if impl != "eager":
-            x = self._sample_fused(z, temperature, cfg, generator, num_steps, guided, impl, progress)
+            x = head_sampling.sample(self, z, temperature, cfg, generator, num_steps, guided, impl, progress)
             return torch.cat([x, x]) if guided else x
         diffusion = self.gen_diffusion(num_steps)
         c_emb = self.net.cond_embed(z)                 # constant over the reverse steps
         n = z.shape[0] // 2 if guided else z.shape[0]
-        c = self.in_channels
 
         def model_fn(x, t):
             t_emb = self.net.time_embed(t[:1])           # all rows share t
             if not guided:
                 return self.net.forward_y(x, t_emb + c_emb)
-            out = self.net.forward_y(torch.cat([x, x]), t_emb + c_emb)
-            (eps_c, eps_u), v = out[:, :c].chunk(2), out[:n, c:]
-            return torch.cat([eps_u + cfg * (eps_c - eps_u), v], dim=1)
+            return cfg_output(self.net.forward_y(torch.cat([x, x]), t_emb + c_emb), cfg)
 
-        dtype = accum_dtype(z.dtype)
-        noise = torch.randn((n, c), generator=generator, device=z.device, dtype=dtype)
+        noise = torch.randn((n, self.in_channels), generator=generator, device=z.device, dtype=accum_dtype(z.dtype))
         x = diffusion.p_sample_loop(model_fn, noise, temperature=temperature, generator=generator,
                                     progress=progress, clip_x0=self.clip_x0)
         return torch.cat([x, x]) if guided else x
-
-    # ------------------------------------------------------------------ fused / compiled / graph
-    sample_impl = "eager"
-
-    def packed_head(self) -> adaln_mlp.PackedHead:
-        """Packed weights, rebuilt only when a parameter changed (stable object for compile guards)."""
-        key = adaln_mlp.weights_key(self.net)
-        pk = getattr(self, "_packed", None)
-        if pk is None or pk.key != key:
-            with torch.inference_mode(False), torch.no_grad():   # usable outside inference mode too
-                pk = self._packed = adaln_mlp.PackedHead(self.net)
-            self._graphs = {}
-        return pk
-
-    def _step_tables(self, diffusion, device, dtype):
-        """(6, T) coefficient rows and the (T,) timestep map on the device, cached per diffusion."""
-        cache = self.__dict__.setdefault("_tables", {})
-        key = (id(diffusion), device, dtype)
-        if key not in cache:
-            with torch.inference_mode(False):
-                tab = torch.stack([getattr(diffusion, k) for k in _STEP_ARRAYS]).to(device=device, dtype=dtype)
-                tmap = diffusion.timestep_map.to(device)
-            cache[key] = (diffusion, tab, tmap)          # keeps diffusion alive: id stays unique
-        return cache[key][1], cache[key][2]
-
-    def _sample_fused(self, z, temperature, cfg, generator, num_steps, guided, impl, progress):
-        device = z.device
-        if impl == "graph" and device.type != "cuda":
-            impl = "compiled"
-        diffusion = self.gen_diffusion(num_steps)
-        dtype = accum_dtype(z.dtype)
-        packed = self.packed_head()
-        backend = adaln_mlp.resolve_head_backend(device)
-        tab, tmap = self._step_tables(diffusion, device, dtype)
-        n = z.shape[0] // 2 if guided else z.shape[0]
-        c = self.in_channels
-        c_emb = self.net.cond_embed(z)
-        x = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
-        cfg_t = torch.full((), float(cfg), device=device, dtype=dtype)
-        temp_t = torch.full((), float(temperature), device=device, dtype=dtype)
-        clip_t = torch.full((), float(self.clip_x0 or math.inf), device=device, dtype=dtype)
-        steps = range(diffusion.num_timesteps - 1, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, leave=False)
-
-        if impl == "fused":
-            for i in steps:
-                noise = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
-                i_t = torch.full((1,), i, dtype=torch.long, device=device)
-                x = _fused_step(packed, x, i_t, noise, c_emb, cfg_t, temp_t, clip_t, tab, tmap, guided, backend)
-            return x
-
-        # compiled / graph: pad rows to a bucket; padding rows are zeros and are thrown away
-        nb = _bucket(n, impl)
-        xp = x.new_zeros(nb, c)
-        xp[:n] = x
-        cp = c_emb.new_zeros((2 * nb if guided else nb), c_emb.shape[1])
-        cp[:n] = c_emb[:n]
-        if guided:
-            cp[nb:nb + n] = c_emb[n:]
-        noise_p = x.new_zeros(nb, c)
-        if impl == "compiled":
-            # inductor writes its own fused kernels (Triton on GPU): hand it the PyTorch arrangement
-            backend = "torch"
-            fn = _compiled_step()
-            torch._dynamo.mark_dynamic(xp, 0)
-            torch._dynamo.mark_dynamic(cp, 0)
-            torch._dynamo.mark_dynamic(noise_p, 0)
-            for i in steps:
-                noise_p[:n] = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
-                i_t = torch.full((1,), i, dtype=torch.long, device=device)
-                xp = fn(packed, xp, i_t, noise_p, cp, cfg_t, temp_t, clip_t, tab, tmap, guided, backend)
-            return xp[:n].clone()
-
-        g = self._graph(packed, nb, c, cp.shape, dtype, device, guided, backend, tab, tmap)
-        g.x.copy_(xp)
-        g.c_emb.copy_(cp)
-        g.cfg.copy_(cfg_t)
-        g.temp.copy_(temp_t)
-        g.clip.copy_(clip_t)
-        g.noise.zero_()
-        for i in steps:
-            g.noise[:n].copy_(torch.randn((n, c), generator=generator, device=device, dtype=dtype))
-            g.i.fill_(i)
-            g.graph.replay()
-            g.x.copy_(g.out)
-        return g.x[:n].clone()
-
-    def _graph(self, packed, nb, c, c_shape, dtype, device, guided, backend, tab, tmap):
-        graphs = self.__dict__.setdefault("_graphs", {})
-        key = (nb, tuple(c_shape), dtype, device, guided, backend, tab.data_ptr())
-        if key not in graphs:
-            graphs[key] = _GraphStep(packed, nb, c, c_shape, dtype, device, guided, backend, tab, tmap)
-        return graphs[key]
-
-
-_STEP_ARRAYS = ("posterior_log_variance_clipped", "log_betas", "sqrt_recip_alphas_cumprod",
-                "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2")
-
-
-def _bucket(n: int, impl: str) -> int:
-    if impl == "graph":                      # few graphs: each bucket is captured once
-        return max(8, 1 << max(0, n - 1).bit_length())
-    return max(8, -(-n // 8) * 8)            # >= 8 rows: no 0/1 size specialisation in dynamo
-
-
-def _time_embed(packed, t):
-    """TimestepEmbedder.forward from packed tensors (one row: all rows share t)."""
-    emb = TimestepEmbedder.timestep_embedding(t, packed.freq_dim).to(packed.te_w1.dtype)
-    return F.linear(F.silu(F.linear(emb, packed.te_w1, packed.te_b1)), packed.te_w2, packed.te_b2)
-
-
-def _fused_step(packed, x, i_t, noise, c_emb, cfg, temperature, clip, tab, tmap, guided: bool, backend: str):
-    """One ancestral step x_t -> x_{t-1} (GaussianDiffusion.p_sample with the CFG model_fn of
-    DiffLoss.sample), written as one function of tensors so it compiles and graphs whole.
-    i_t (1,) respaced step index; tab rows = _STEP_ARRAYS; cfg, temperature, clip (bound on
-    pred_x0, inf for none) 0-d tensors."""
-    n, c = x.shape
-    y = _time_embed(packed, tmap[i_t]).to(c_emb.dtype) + c_emb
-    out = adaln_mlp.head_forward(packed, torch.cat([x, x]) if guided else x, y, backend)
-    if guided:
-        (eps_c, eps_u), v = out[:, :c].chunk(2), out[:n, c:]
-        eps = eps_u + cfg * (eps_c - eps_u)
-    else:
-        eps, v = out[:, :c], out[:, c:]
-    co = tab[:, i_t].to(x.dtype)                                         # (6, 1)
-    min_log, max_log, sr, srm1, c1, c2 = co[0:1], co[1:2], co[2:3], co[3:4], co[4:5], co[5:6]
-    frac = (v + 1) / 2
-    log_var = frac * max_log + (1 - frac) * min_log                    # IDDPM eq. 15
-    pred_x0 = (sr * x - srm1 * eps).clamp(-clip, clip)
-    mean = c1 * pred_x0 + c2 * x                                       # DDPM eq. 7, x0 := pred
-    nonzero = (i_t != 0).to(x.dtype).view(1, 1)                        # no noise at the last step
-    return mean + nonzero * torch.exp(0.5 * log_var) * (temperature * noise)
-
-
-_COMPILED = None
-
-
-def _compiled_step():
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_fused_step, dynamic=True)
-    return _COMPILED
-
-
-class _GraphStep:
-    """`_fused_step` captured as a CUDA graph on static buffers (one per row bucket)."""
-
-    def __init__(self, packed, nb, c, c_shape, dtype, device, guided, backend, tab, tmap):
-        self.x = torch.zeros(nb, c, device=device, dtype=dtype)
-        self.noise = torch.zeros(nb, c, device=device, dtype=dtype)
-        self.c_emb = torch.zeros(c_shape, device=device, dtype=dtype)
-        self.i = torch.ones(1, dtype=torch.long, device=device)
-        self.cfg = torch.ones((), device=device, dtype=dtype)
-        self.temp = torch.ones((), device=device, dtype=dtype)
-        self.clip = torch.full((), math.inf, device=device, dtype=dtype)
-        args = (packed, self.x, self.i, self.noise, self.c_emb, self.cfg, self.temp, self.clip, tab, tmap, guided, backend)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):                  # warm-up: Triton compiles, cuBLAS picks algos
-            for _ in range(2):
-                _fused_step(*args)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = _fused_step(*args)
