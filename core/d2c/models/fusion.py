@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from d2c.config import MARConfig
 from d2c.kernels.attention import attention
+from d2c.models.vit import Mlp
 
 
 class Attention(nn.Module):
@@ -42,17 +43,6 @@ class Attention(nn.Module):
         q = self.q(x).view(b, n, h, d // h).transpose(1, 2)
         k, v = self.kv(kv).view(b, kv.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
         return self.proj(attention(q, k, v).transpose(1, 2).reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, ratio: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, int(dim * ratio))
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(int(dim * ratio), dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class CrossAttnLayer(nn.Module):
@@ -77,7 +67,7 @@ class QFormerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.cross_attn = Attention(dim, num_heads)
         self.norm3 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, mlp_ratio)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, q, disc):
         q = q + self.self_attn(self.norm1(q))
@@ -86,10 +76,12 @@ class QFormerBlock(nn.Module):
 
 
 class Fusion(nn.Module):
+    """The discrete-token embedding, and the two hooks MAR calls (identity unless a kind needs them)."""
+    kind = "none"
+
     def __init__(self, cfg: MARConfig):
         super().__init__()
         fu = cfg.fusion
-        self.kind = fu.kind
         self.codebook_size = fu.codebook_size
         # +1 row: the null code used for CFG's unconditional branch and for label drop
         self.code_emb = nn.Embedding(fu.codebook_size + 1, fu.d_fuse)
@@ -97,22 +89,6 @@ class Fusion(nn.Module):
         nn.init.normal_(self.code_emb.weight, std=0.02)
         nn.init.normal_(self.code_pos, std=0.02)
         self.norm_disc = nn.LayerNorm(fu.d_fuse, eps=1e-6)
-        if fu.kind == "cross_attn":
-            layers = range(cfg.decoder_depth) if fu.layers is None else fu.layers
-            self.layer_ids = [int(i) for i in layers]
-            self.cross = nn.ModuleDict({str(i): CrossAttnLayer(cfg.decoder_embed_dim, fu.d_fuse, fu.num_heads)
-                                        for i in self.layer_ids})
-        elif fu.kind == "qformer":
-            self.queries = nn.Parameter(torch.zeros(1, fu.num_queries, fu.d_fuse))
-            nn.init.normal_(self.queries, std=0.02)
-            self.blocks = nn.ModuleList([QFormerBlock(fu.d_fuse, fu.num_heads, fu.mlp_ratio)
-                                         for _ in range(fu.depth)])
-            self.norm = nn.LayerNorm(fu.d_fuse, eps=1e-6)
-            self.out = nn.Linear(fu.d_fuse, cfg.encoder_embed_dim)
-            nn.init.zeros_(self.out.weight)  # start as plain MAR, like the cross-attn sublayers
-            nn.init.zeros_(self.out.bias)
-        else:
-            raise ValueError(f"fusion.kind={fu.kind!r} has no Fusion module; allowed: cross_attn, qformer")
 
     def embed(self, codes, drop=None):
         """codes (B, T) long, or None for all-null; drop (B,) bool replaces a row by null codes."""
@@ -124,14 +100,62 @@ class Fusion(nn.Module):
             codes = torch.where(drop[:, None], torch.full_like(codes, self.codebook_size), codes)
         return self.norm_disc(self.code_emb(codes) + self.code_pos)
 
+    def fill_buffer(self, buf, disc):
+        """MAR encoder's buffer slots (B, buffer_size, E), which hold the class embedding."""
+        return buf
+
+    def after_decoder_block(self, i: int, x, disc):
+        """MAR decoder's tokens after block i."""
+        return x
+
+
+class CrossAttnFusion(Fusion):
+    kind = "cross_attn"
+
+    def __init__(self, cfg: MARConfig):
+        super().__init__(cfg)
+        fu = cfg.fusion
+        layers = range(cfg.decoder_depth) if fu.layers is None else fu.layers
+        self.layer_ids = [int(i) for i in layers]
+        self.cross = nn.ModuleDict({str(i): CrossAttnLayer(cfg.decoder_embed_dim, fu.d_fuse, fu.num_heads)
+                                    for i in self.layer_ids})
+
+    def after_decoder_block(self, i: int, x, disc):
+        key = str(i)
+        return self.cross[key](x, disc) if key in self.cross else x
+
+
+class QFormerFusion(Fusion):
+    kind = "qformer"
+
+    def __init__(self, cfg: MARConfig):
+        super().__init__(cfg)
+        fu = cfg.fusion
+        self.queries = nn.Parameter(torch.zeros(1, fu.num_queries, fu.d_fuse))
+        nn.init.normal_(self.queries, std=0.02)
+        self.blocks = nn.ModuleList([QFormerBlock(fu.d_fuse, fu.num_heads, fu.mlp_ratio) for _ in range(fu.depth)])
+        self.norm = nn.LayerNorm(fu.d_fuse, eps=1e-6)
+        self.out = nn.Linear(fu.d_fuse, cfg.encoder_embed_dim)
+        nn.init.zeros_(self.out.weight)  # start as plain MAR, like the cross-attn sublayers
+        nn.init.zeros_(self.out.bias)
+
     def buffer(self, disc):
-        """qformer: (B, num_queries, encoder_embed_dim), added to the first buffer slots."""
+        """(B, num_queries, encoder_embed_dim): the queries after the Q-Former blocks."""
         q = self.queries.expand(disc.shape[0], -1, -1)
         for blk in self.blocks:
             q = blk(q, disc)
         return self.out(self.norm(q))
 
-    def after_decoder_block(self, i: int, x, disc):
-        """cross_attn: applied after decoder block i (when i is a fusion layer)."""
-        key = str(i)
-        return self.cross[key](x, disc) if key in self.cross else x
+    def fill_buffer(self, buf, disc):
+        q = self.buffer(disc).to(buf.dtype)
+        return torch.cat([buf[:, :q.shape[1]] + q, buf[:, q.shape[1]:]], dim=1)
+
+
+def build_fusion(cfg: MARConfig) -> Fusion | None:
+    """The fusion module of `cfg.fusion.kind`; None for "none" (no parameters: MAR loads strict)."""
+    kinds = {"cross_attn": CrossAttnFusion, "qformer": QFormerFusion}
+    if cfg.fusion.kind == "none":
+        return None
+    if cfg.fusion.kind not in kinds:
+        raise ValueError(f"fusion.kind={cfg.fusion.kind!r}; allowed: none, {', '.join(kinds)}")
+    return kinds[cfg.fusion.kind](cfg)

@@ -12,8 +12,9 @@ Training step (`forward`):
   decoder: kept tokens back in place, mask_token elsewhere, + pos, ViT blocks; the outputs
   at the token positions + diffusion pos are the per-token conditions z;
   loss: DiffLoss on (target token, z), `diffusion_batch_mul` draws each, masked tokens only.
-Fusion (kind != "none"): disc = fusion.embed(codes, drop) once; qformer adds fusion.buffer(disc)
-to the first num_queries buffer slots; cross_attn runs after the chosen decoder blocks.
+Fusion (kind != "none", d2c.models.fusion): disc = fusion.embed(codes, drop) once, then two hooks:
+fill_buffer (qformer: its outputs added to the first num_queries buffer slots) and
+after_decoder_block (cross_attn: after the chosen decoder blocks); each is the identity elsewhere.
 Sampling (`sample_tokens`, MAR's name): rounds of the encoder/decoder on the known tokens and
 the diffusion head on the tokens whose turn has come (sec. 3.4).
 """
@@ -26,56 +27,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from d2c.config import MARConfig, validate
-from d2c.kernels.attention import attention
 from d2c.models import check_ids, compiled
 from d2c.models.diffloss import DiffLoss
-from d2c.models.fusion import Fusion
-
-
-# ------------------------------------------------------------------ ViT block (timm names)
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x, key_padding_mask=None):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        o = attention(q, k, v, key_padding_mask=key_padding_mask,
-                      dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, d)))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn_drop: float, proj_drop: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, attn_drop, proj_drop)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
-
-    def forward(self, x, key_padding_mask=None):
-        x = x + self.attn(self.norm1(x), key_padding_mask)
-        return x + self.mlp(self.norm2(x))
+from d2c.models.fusion import build_fusion
+from d2c.models.vit import Block
 
 
 def _std_normal_cdf(x: float) -> float:
@@ -130,9 +85,7 @@ class MAR(nn.Module):
         self.diffloss = DiffLoss(self.token_embed_dim, D, cfg.diffloss_d, cfg.diffloss_w,
                                  cfg.num_sampling_steps, grad_checkpointing=cfg.grad_checkpointing,
                                  clip_x0=cfg.clip_x0)
-        self.fusion = None
-        if cfg.fusion.kind != "none":
-            self.fusion = Fusion(cfg)
+        self.fusion = build_fusion(cfg)                # None for kind "none": plain MAR
 
     def initialize_weights(self):
         for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
@@ -214,9 +167,8 @@ class MAR(nn.Module):
         x = self.z_proj(tokens)
         b, L, e = x.shape
         buf = class_embedding[:, None, :].to(x.dtype).expand(b, self.buffer_size, e)
-        if self.fusion is not None and self.fusion.kind == "qformer":
-            q = self.fusion.buffer(disc).to(x.dtype)          # (B, num_queries, E)
-            buf = torch.cat([buf[:, :q.shape[1]] + q, buf[:, q.shape[1]:]], dim=1)
+        if self.fusion is not None:
+            buf = self.fusion.fill_buffer(buf, disc)          # qformer: queries added to the first slots
         x = self.z_proj_ln(torch.cat([buf, x], dim=1) + self.encoder_pos_embed_learned)
         keep = torch.cat([mask.new_zeros(b, self.buffer_size), mask], dim=1).logical_not()
         x, idx, valid = self._gather_kept(x, keep)            # MAE: masked tokens never enter
@@ -234,8 +186,8 @@ class MAR(nn.Module):
         x = torch.scatter(full, 1, idx[..., None].expand(-1, -1, d), x) + self.decoder_pos_embed_learned
         for i, blk in enumerate(self.decoder_blocks):
             x = self._run(blk, x)
-            if self.fusion is not None and self.fusion.kind == "cross_attn":
-                x = self.fusion.after_decoder_block(i, x, disc)
+            if self.fusion is not None:
+                x = self.fusion.after_decoder_block(i, x, disc)   # cross_attn: fusion layer i
         x = self.decoder_norm(x)
         return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
 
