@@ -159,8 +159,9 @@ def test_planted_pickle_in_the_metric_caches_never_runs(net, sets, tmp_path):
 
 def test_feature_net_cache(tmp_path, monkeypatch):
     calls = []
-    train = M._train_feature_net
-    monkeypatch.setattr(M, "_train_feature_net", lambda cfg, progress=True: calls.append(cfg) or train(cfg, False))
+    from d2c.metrics import feature_net
+    train = feature_net._train_feature_net
+    monkeypatch.setattr(feature_net, "_train_feature_net", lambda cfg, progress=True: calls.append(cfg) or train(cfg, False))
     cfg = M.FeatureNetConfig(n_train=100, steps=2)
     net1, path = M.load_feature_net(cfg, tmp_path)
     assert len(calls) == 1 and path.is_file() and path.name == f"feature_net_{cfg.key()}.safetensors"

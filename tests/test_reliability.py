@@ -420,7 +420,8 @@ def test_damaged_checkpoint_in_a_run_is_named_and_older_ones_kept(tmp_path):
 
 
 def test_bad_reference_statistics_are_one_line(tmp_path):
-    from d2c.metrics import MetricsError, _load_stats
+    from d2c.metrics import MetricsError
+    from d2c.metrics.fidelity import _load_stats
     cases = {"keys.npz": dict(mean=np.zeros(4), cov=np.eye(4)), "shape.npz": dict(mu=np.zeros(4), sigma=np.eye(3)),
              "nan.npz": dict(mu=np.full(4, np.nan), sigma=np.eye(4))}
     for name, arrays in cases.items():
@@ -512,7 +513,8 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
         train(cfg_(steps=6), src(), run)
     one_line(e, "state.pt", "refused")
     # and as an object array in reference statistics (np.load allow_pickle=False)
-    from d2c.metrics import MetricsError, _load_stats
+    from d2c.metrics import MetricsError
+    from d2c.metrics.fidelity import _load_stats
     arr = np.empty(1, dtype=object)
     arr[0] = _Evil(marker)
     np.savez(tmp_path / "evil.npz", mu=arr, sigma=np.eye(1))

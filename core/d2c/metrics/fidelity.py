@@ -1,46 +1,36 @@
-"""Sample quality and speed: FID, IS, KID, precision/recall through stock torch-fidelity, the
-embedded feature network, class accuracy, and the speed / hardware parts of a result record.
+"""FID, IS, KID and precision/recall through stock torch-fidelity (DESIGN.md sections 5, 6).
 
-Two modes pick the feature extractor (DESIGN.md sections 5 and 6):
-  embedded  a small CNN trained here on the shapes dataset (cached as safetensors, keyed by a
-            hash of its recipe), registered with torch-fidelity as "d2c-shapes-net";
+Two modes pick the feature extractor:
+  embedded  the feature net of d2c.metrics.feature_net, registered as "d2c-shapes-net";
             reference = a held-out real shapes set (its features cached here as safetensors).
   imagenet  torch-fidelity's "inception-v3-compat" with weights from a LOCAL file; reference =
             ADM's statistics .npz (mu, sigma; its arr_0 images, when present, serve KID/PRC).
 The reference decides the route: images -> one feature pass per input through torch-fidelity's
 extraction, then its IS/FID/KID/PRC functions (what `calculate_metrics` does, without its
-pickled cache); a statistics .npz -> one feature pass of our images through torch-fidelity's
-own extraction, then its IS/KID/PRC functions and a float64 Frechet distance against the stats.
+pickled cache); a statistics .npz -> one feature pass of our images, then the same IS/KID/PRC
+functions and a float64 Frechet distance against the stats.
 Nothing here downloads: every extractor gets its weights from a path we checked first.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import hashlib
-import json
-import math
-import os
-import platform
 import re
 import warnings
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+from d2c.metrics.feature_net import (DEFAULT_CACHE_DIR, FeatureNetConfig, MetricsError, _check_images, _load_net_file,
+                                     _shapes_fingerprint, _torch_threads, load_feature_net)
 
 EMBEDDED_EXTRACTOR = "d2c-shapes-net"
 IMAGENET_EXTRACTOR = "inception-v3-compat"
 IMAGENET_NUM_SAMPLES = 50_000          # class-balanced samples per ImageNet evaluation (ADM, MAR)
 IMAGENET_FEATURE_DIM = 2048
-DEFAULT_CACHE_DIR = Path("outputs/cache")
 REFERENCE_SEED = 424242                # held-out real shapes: not the generators' data (seed 0)
-HELDOUT_SEED = 777                     # accuracy check of the feature net
 INCEPTION_HOWTO = ("download weights-inception-2015-12-05-6726825d.pth from torch-fidelity's release page "
                    "(github.com/toshas/torch-fidelity/releases/tag/v0.2.0) on a machine with internet and pass its path")
 ADM_HOWTO = ("use ADM's reference batch, e.g. VIRTUAL_imagenet256_labeled.npz (openai/guided-diffusion, "
@@ -50,183 +40,6 @@ _TF_KEYS = {"frechet_inception_distance": "fid", "inception_score_mean": "is_mea
             "inception_score_std": "is_std", "kernel_inception_distance_mean": "kid_mean",
             "kernel_inception_distance_std": "kid_std", "precision": "precision", "recall": "recall",
             "f_score": "f_score"}
-
-
-class MetricsError(ValueError):
-    """An input the metrics cannot use; the message is one line: file, what is wrong, how to fix."""
-
-
-# ============================================================================ embedded feature net
-@dataclass(frozen=True)
-class FeatureNetConfig:
-    """Recipe of the embedded feature net; its hash names the cached weights, so any change retrains."""
-    widths: tuple = (16, 32, 64, 128)  # conv-BN-ReLU blocks, 2x2 max-pool between; last = feature dim
-    num_classes: int = 10
-    n_train: int = 6000
-    data_seed: int = 1000              # training images: make_shapes(n_train, data_seed)
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    blur_sigma: float = 1.2            # augmentation: Gaussian blur, sigma ~ U(0, blur_sigma), half the batch
-    version: int = 2                   # bump when the training code changes
-
-    def key(self) -> str:
-        blob = json.dumps({**dataclasses.asdict(self), "data": _shapes_fingerprint(self.data_seed)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-@functools.lru_cache(maxsize=None)
-def _shapes_fingerprint(seed: int) -> str:
-    """Digest of a few generated images: if the dataset code changes, cache keys change with it."""
-    from d2c.data.shapes import make_shapes
-
-    return hashlib.sha256(make_shapes(16, seed=seed)[0].numpy().tobytes()).hexdigest()[:8]
-
-
-class FeatureNet(nn.Module):
-    """uint8 (or [-1, 1] float) images -> (global-average-pooled features, class logits)."""
-    INPUT_SIZE = 32
-
-    def __init__(self, widths=(16, 32, 64, 128), num_classes: int = 10):
-        super().__init__()
-        chans = (3, *widths)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
-            for i, o in zip(chans[:-1], chans[1:]))
-        self.head = nn.Linear(widths[-1], num_classes)
-
-    @classmethod
-    def from_state_dict(cls, sd: dict) -> "FeatureNet":
-        """Widths and class count read off the tensor shapes, so the file alone rebuilds the net."""
-        n = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        net = cls(tuple(sd[f"blocks.{i}.0.weight"].shape[0] for i in range(n)), sd["head.weight"].shape[0])
-        net.load_state_dict(sd)
-        return net.eval()
-
-    def forward(self, x):
-        if x.dtype == torch.uint8:
-            x = x.float() / 127.5 - 1
-        if x.shape[-2:] != (self.INPUT_SIZE, self.INPUT_SIZE):  # the net has only seen 32x32
-            x = F.interpolate(x, size=self.INPUT_SIZE, mode="bilinear", antialias=True, align_corners=False)
-        for i, block in enumerate(self.blocks):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-        feats = x.mean((2, 3))
-        return feats, self.head(feats)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(min(n, prev))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
-def _train_feature_net(cfg: FeatureNetConfig, progress: bool = True) -> FeatureNet:
-    from tqdm.auto import tqdm
-
-    from d2c.data.shapes import make_shapes
-
-    x, y = make_shapes(cfg.n_train, seed=cfg.data_seed)
-    # One thread: convs this small barely scale, and 2 threads beside another busy process ran
-    # 19x slower (800 vs 42 ms a step, measured on the 2-core CPU); one is never that bad.
-    # fork_rng: leave the caller's global RNG alone.
-    # inference_mode(False): callers such as class_accuracy may run under inference mode
-    with _torch_threads(1), torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
-        torch.manual_seed(cfg.seed)
-        net = FeatureNet(cfg.widths, cfg.num_classes).to(memory_format=torch.channels_last)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.15)
-        net.train()
-        order, pos = torch.randperm(len(y), generator=gen), 0
-        bar = tqdm(range(cfg.steps), desc="feature net", disable=not progress, leave=False)
-        for _ in bar:
-            if pos + cfg.batch_size > len(y):
-                order, pos = torch.randperm(len(y), generator=gen), 0
-            idx = order[pos:pos + cfg.batch_size]
-            pos += cfg.batch_size
-            # channels_last: ~1.5x faster convs on CPU (measured)
-            xb = _blur_half(x[idx], cfg.blur_sigma, gen) if cfg.blur_sigma > 0 else x[idx]
-            _, logits = net(xb.contiguous(memory_format=torch.channels_last))
-            loss = F.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return net.to(memory_format=torch.contiguous_format).eval()
-
-
-def _blur_half(x_uint8, max_sigma: float, gen) -> torch.Tensor:
-    """Blur a random half of the batch (sigma ~ U(0, max_sigma) px).  The net judges class by
-    layout: a stride-4 tokenizer's reconstructions are that much softer than the data, and a
-    net that keys on pixel-sharp texture called 26-48% of recognisable reconstructions wrong
-    (measured on KL-/VQ-small after 600 steps)."""
-    x = x_uint8.float()
-    n = len(x)
-    sig = torch.rand(n, generator=gen) * max_sigma
-    sig[torch.rand(n, generator=gen) < 0.5] = 0.0
-    r = torch.arange(-3, 4, dtype=torch.float32)
-    k = torch.exp(-r[None] ** 2 / (2 * sig.clamp_min(1e-3)[:, None] ** 2))
-    k = k / k.sum(1, keepdim=True)                                   # (n, 7) separable kernel
-    c, h, w = x.shape[1:]
-    xp = F.pad(x.reshape(1, n * c, h, w), (3, 3, 3, 3), mode="replicate")
-    kk = k.repeat_interleave(c, 0)
-    xp = F.conv2d(xp, kk[:, None, None, :], groups=n * c)     # along width
-    xp = F.conv2d(xp, kk[:, None, :, None], groups=n * c)     # along height
-    return xp.reshape(n, c, h, w).round().clamp(0, 255).to(torch.uint8)
-
-
-def feature_net_path(cfg: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR) -> Path:
-    cfg = cfg or FeatureNetConfig()
-    return Path(cache_dir) / f"feature_net_{cfg.key()}.safetensors"
-
-
-def load_feature_net(cfg: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR,
-                     progress: bool = True) -> tuple[FeatureNet, Path]:
-    """The embedded feature net: loaded from the cache when its recipe hash is there, else trained
-    once (seconds on 2 cores) and saved atomically.  An unreadable cache file is retrained."""
-    from d2c.checkpoint import save_safetensors
-
-    cfg = cfg or FeatureNetConfig()
-    path = feature_net_path(cfg, cache_dir)
-    if path.is_file():
-        try:
-            return _load_net_file(path, "retraining"), path
-        except MetricsError as e:
-            warnings.warn(str(e))
-    net = _train_feature_net(cfg, progress)
-    save_safetensors(net, path)
-    return net, path
-
-
-def _load_net_file(path, fix: str = "pass a file written by d2c.metrics.load_feature_net") -> FeatureNet:
-    from d2c.checkpoint import CheckpointError, load_state_dict_file
-
-    try:
-        return FeatureNet.from_state_dict(load_state_dict_file(path))
-    except (CheckpointError, KeyError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MetricsError(f"embedded feature net {path}: unusable ({msg}); {fix}") from None
-
-
-@torch.inference_mode()
-def class_accuracy(images_uint8: torch.Tensor, labels, *, net: FeatureNet | None = None,
-                   cfg: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR,
-                   device="cpu", batch_size: int = 500) -> float:
-    """Fraction of images the embedded net classifies as their (conditioning) label."""
-    images_uint8 = _check_images(images_uint8)
-    labels = torch.as_tensor(labels).long().reshape(-1).cpu()
-    if len(labels) != len(images_uint8):
-        raise MetricsError(f"class_accuracy: {len(images_uint8)} images but {len(labels)} labels")
-    net = (net or load_feature_net(cfg, cache_dir)[0]).to(device).eval()
-    with _torch_threads(1) if torch.device(device).type == "cpu" else contextlib.nullcontext():
-        pred = torch.cat([net(b.to(device))[1].argmax(-1).cpu() for b in images_uint8.split(batch_size)])
-    return float((pred == labels).float().mean())
 
 
 def _need_fidelity():
@@ -346,13 +159,6 @@ class _LazyShapes(torch.utils.data.Dataset):
             from d2c.data.shapes import make_shapes
             self.images = make_shapes(self.n, seed=self.seed)[0]
         return self.images[i]
-
-
-def _check_images(x) -> torch.Tensor:
-    if not torch.is_tensor(x) or x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
-        what = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-        raise MetricsError(f"images must be uint8 (N, 3, H, W) (d2c.sampling.to_uint8 converts), got {what}")
-    return x.cpu()
 
 
 def _as_input(x):
@@ -614,48 +420,3 @@ def save_reference_stats(images, path, *, mode: str = "embedded", weights_path=N
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
     return path
-
-
-# ============================================================================ speed and hardware
-def speed_record(result, num_images: int | None = None, device="cpu") -> dict:
-    """Timing part of a result record from a d2c.sampling.SampleResult (one timed batch)."""
-    n = int(num_images or result.images.shape[0])
-    t = result.timings
-    total = float(t.get("total", sum(t.get(k, 0.0) for k in ("stage1", "stage2", "decode"))))
-    rec = {"num_images": n, "seconds_total": total, "seconds_per_image": total / max(n, 1),
-           "images_per_second": n / total if total > 0 else math.inf}
-    rec.update({f"{k}_seconds": float(t.get(k, 0.0)) for k in ("stage1", "stage2", "decode")})
-    rec.update({k: int(result.nfe.get(k, 0)) for k in ("ar_steps", "mar_steps", "diffusion_steps")})
-    device = torch.device(device)
-    if device.type == "cuda":
-        rec["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
-        rec["peak_memory_kind"] = "cuda_max_memory_allocated"  # since the last reset_peak_memory_stats
-    else:
-        import resource
-        # Linux reports ru_maxrss in KiB, macOS in bytes; it is the process's peak since it started
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rec["peak_memory_bytes"] = int(rss if platform.system() == "Darwin" else rss * 1024)
-        rec["peak_memory_kind"] = "cpu_peak_rss_process_lifetime"
-    return rec
-
-
-def hardware_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        from importlib.metadata import version
-        triton = version("triton")
-    except Exception:
-        triton = None
-    cuda = torch.cuda.is_available()
-    return {"cpu_model": cpu, "cpu_cores": os.cpu_count(),
-            "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
-            "gpu_count": torch.cuda.device_count() if cuda else 0,
-            "cuda_version": torch.version.cuda, "torch": torch.__version__, "triton": triton,
-            "python": platform.python_version(), "platform": platform.platform()}

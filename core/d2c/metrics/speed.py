@@ -1,0 +1,52 @@
+"""The speed and hardware parts of a result record."""
+from __future__ import annotations
+
+import math
+import os
+import platform
+
+import torch
+
+
+def speed_record(result, num_images: int | None = None, device="cpu") -> dict:
+    """Timing part of a result record from a d2c.sampling.SampleResult (one timed batch)."""
+    n = int(num_images or result.images.shape[0])
+    t = result.timings
+    total = float(t.get("total", sum(t.get(k, 0.0) for k in ("stage1", "stage2", "decode"))))
+    rec = {"num_images": n, "seconds_total": total, "seconds_per_image": total / max(n, 1),
+           "images_per_second": n / total if total > 0 else math.inf}
+    rec.update({f"{k}_seconds": float(t.get(k, 0.0)) for k in ("stage1", "stage2", "decode")})
+    rec.update({k: int(result.nfe.get(k, 0)) for k in ("ar_steps", "mar_steps", "diffusion_steps")})
+    device = torch.device(device)
+    if device.type == "cuda":
+        rec["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        rec["peak_memory_kind"] = "cuda_max_memory_allocated"  # since the last reset_peak_memory_stats
+    else:
+        import resource
+        # Linux reports ru_maxrss in KiB, macOS in bytes; it is the process's peak since it started
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rec["peak_memory_bytes"] = int(rss if platform.system() == "Darwin" else rss * 1024)
+        rec["peak_memory_kind"] = "cpu_peak_rss_process_lifetime"
+    return rec
+
+
+def hardware_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+        triton = version("triton")
+    except Exception:
+        triton = None
+    cuda = torch.cuda.is_available()
+    return {"cpu_model": cpu, "cpu_cores": os.cpu_count(),
+            "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
+            "gpu_count": torch.cuda.device_count() if cuda else 0,
+            "cuda_version": torch.version.cuda, "torch": torch.__version__, "triton": triton,
+            "python": platform.python_version(), "platform": platform.platform()}
