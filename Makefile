@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install run demo test test-fast test-numerics bench clean
+.PHONY: install run demo test test-fast test-numerics bench bench-compare clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,12 @@ NUMERIC_TESTS = tests/test_mar.py tests/test_diffusion.py tests/test_gpt.py test
 test-numerics: install
 	ATEN_CPU_CAPABILITY=default D2C_TEST_THREADS=1 $(PY) -m pytest -q -m "not slow" $(NUMERIC_TESTS)
 
-bench: install
-	$(PY) -m pytest bench/ --benchmark-only
+bench: install         ## saves the run's JSON under .benchmarks/ (pytest-benchmark autosave)
+	$(PY) -m pytest bench/ --benchmark-only --benchmark-autosave
+
+bench-compare: install ## runs again and compares with the last saved run (medians, min, max)
+	$(PY) -m pytest bench/ --benchmark-only --benchmark-autosave --benchmark-compare \
+	    --benchmark-columns=min,median,max,rounds
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -553,7 +553,7 @@ def build_report(runs, problems, results_dir: Path, out: Path, published_path: P
           f"Records: **{n_ok} ok**, {n_failed} failed, {len(problems)} malformed (skipped).", ""]
     if runs.empty:
         md += ["**No measured results yet**: no valid record under "
-               f"`{results_dir / 'records'}`. Run the harness (ablations/run.py or `python -m d2c.pipeline`)"
+               f"`{results_dir / 'records'}`. Run the harness (ablations/run.py)"
                " and rerun this script.", ""]
     md += metadata_md(runs)
     if not c.empty:

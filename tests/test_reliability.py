@@ -458,8 +458,8 @@ def test_out_of_range_labels_and_ids_at_the_api():
 def test_user_errors_exit_2_with_one_line(tmp_path):
     """CLI contract: `error: <one line>` on stderr, exit status 2, no traceback."""
     for args in (["-m", "d2c.demo", "--steps", "0", "--out", str(tmp_path / "demo")],
-                 ["-m", "d2c.pipeline", "--root", str(tmp_path / "p"), "--families", "mar,nope"],
-                 ["-m", "d2c.pipeline", "--root", str(tmp_path / "p"), "--steps", "8,x"]):
+                 [str(ROOT / "ablations" / "run.py"), f"results_dir={tmp_path / 'p'}", "model=mar,nope"],
+                 [str(ROOT / "ablations" / "run.py"), f"results_dir={tmp_path / 'p'}", "-m", "steps=8,x"]):
         p = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=300)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, p.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,49 +214,3 @@ def evaluate(pipe: Pipeline, family: str, *, steps: int = 16, num_images: int = 
     metrics["class_accuracy"] = class_accuracy(images, labels, cache_dir=pipe.root / "cache")
     return {"family": family, "steps": steps, "cfg": cfg, "num_images": num_images,
             "metrics": metrics, "speed": speed, "images": images}
-
-
-def main(argv=None):
-    """Train the embedded default from scratch (or reuse) and print the FID / speed table."""
-    import argparse
-
-    from d2c.cli import exit_on_user_error
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--root", default="outputs")
-    ap.add_argument("--steps", default="16,64", help="MAR iterations, comma separated")
-    ap.add_argument("--num-images", type=int, default=1000)
-    ap.add_argument("--cfg", type=float, default=3.0)
-    ap.add_argument("--families", default=",".join(FAMILIES))
-    args = ap.parse_args(argv)
-    # user errors (bad values, unreadable files, a diverged run): one line on stderr, exit 2
-    with exit_on_user_error():
-        fams = args.families.split(",")
-        bad = [f for f in fams if f not in FAMILIES]
-        if bad:   # before any training starts
-            raise ValueError(f"--families: {','.join(bad)}; allowed: {', '.join(FAMILIES)}")
-        try:
-            step_list = [int(s) for s in args.steps.split(",")]
-        except ValueError:
-            raise ValueError(f"--steps={args.steps!r}; allowed: comma-separated integers >= 1") from None
-        if min(step_list) < 1 or args.num_images < 1:
-            raise ValueError(f"--steps={args.steps} --num-images={args.num_images}; allowed: integers >= 1")
-        pipe = Pipeline(root=args.root)
-        t0 = time.perf_counter()
-        for fam in fams:
-            pipe.models(fam)
-        print(f"training: {json.dumps({k: round(v, 1) for k, v in pipe.timings.items()})} "
-              f"total {sum(pipe.timings.values()):.0f}s (wall {time.perf_counter() - t0:.0f}s incl. cache)")
-        from d2c.sampling import save_sample_grid
-        print(f"{'family':16s} {'steps':>5s} {'FID':>8s} {'IS':>6s} {'acc':>6s} {'prec':>5s} {'rec':>5s} "
-              f"{'img/s':>7s} {'s/img':>7s}")
-        for fam in fams:
-            for steps in ([1] if fam == "llamagen" else step_list):
-                r = evaluate(pipe, fam, steps=steps, num_images=args.num_images, cfg=args.cfg)
-                m, s = r["metrics"], r["speed"]
-                save_sample_grid(r["images"], Path(args.root) / "grids" / f"{fam}_{steps}.png")
-                print(f"{fam:16s} {steps if fam != 'llamagen' else '-':>5} {m['fid']:8.2f} {m['is_mean']:6.2f} "
-                      f"{m['class_accuracy']:6.3f} {m['precision']:5.2f} {m['recall']:5.2f} "
-                      f"{s['images_per_second']:7.2f} {s['seconds_per_image']:7.4f}", flush=True)
-
-if __name__ == "__main__":
-    main()
