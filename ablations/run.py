@@ -3,6 +3,7 @@
 
     python ablations/run.py                                        # the embedded-default comparison
     python ablations/run.py -m fusion=cross_attn,qformer steps=16,32,64
+    python ablations/run.py -m fusion=cross_attn,qformer steps=16,32,64 --plan   # the cells; runs nothing
     python ablations/run.py -m model=mar steps=8,32 hydra/launcher=submitit_slurm \
         hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1
 
@@ -17,6 +18,7 @@ finished cells are skipped when the sweep runs again.  Exit status 1 if any cell
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -51,7 +53,7 @@ def task(cfg: DictConfig):
     return {"cell_id": cell_id, "status": rec.get("status") if rec else None}
 
 
-def _validate(args: list[str]) -> None:
+def _validate(args: list[str]) -> list[dict]:
     from hydra import compose, initialize_config_dir
     for a in args:   # nothing from the command line chooses what Hydra instantiates
         key, _, value = a.partition("=")
@@ -70,6 +72,17 @@ def _validate(args: list[str]) -> None:
             H.check_target(f"hydra.{node}._target_", hc[node].get("_target_"))
         for results_dir in {c["config"]["results_dir"] for c in cells}:
             H.check_results_tree(results_dir)
+    return cells
+
+
+def _print_plan(cells: list[dict]) -> None:
+    """--plan: the cells the command would run, each with its keys and resolved config."""
+    from d2c.results import is_finished
+    print(f"plan: {len(cells)} cells, {len({c['train_key'] for c in cells})} training config(s); nothing run")
+    for c in cells:
+        state = "done" if is_finished(c["config"]["results_dir"], c["cell_id"]) else "todo"
+        print(f"  [{state}] {c['cell_id']} train {c['train_key']}  {H.describe(c['config'])}")
+        print(f"      {json.dumps(c['config'], sort_keys=True, default=str)}")
 
 
 def _environment() -> None:
@@ -84,6 +97,8 @@ def _environment() -> None:
 def main(argv=None) -> int:
     _environment()
     args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-m", "--multirun")]
+    plan_only = "--plan" in args
+    args = [a for a in args if a != "--plan"]
     if any(a.split("=")[0] in PASS_THROUGH for a in args):
         sys.argv = [sys.argv[0], *args]
         task()
@@ -96,9 +111,12 @@ def main(argv=None) -> int:
             rd = next((a.partition("=")[2] for a in args if a.startswith("results_dir=")), "results")
             rd = H.check_results_dir(rd).resolve()
             args = [a for a in args if not a.startswith("results_dir=")] + [f"results_dir={rd}"]
-            _validate(args)
+            cells = _validate(args)
     except SystemExit as e:
         return e.code
+    if plan_only:
+        _print_plan(cells)
+        return 0
     sys.argv = [sys.argv[0], "--multirun", *args]
     task()
     sweep = getattr(H, "LAST_SWEEP", None)

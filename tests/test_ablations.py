@@ -202,6 +202,20 @@ def test_invalid_configs_one_line_exit_2(run_mod, monkeypatch, capsys, tmp_path,
     assert not (tmp_path / "r").exists()
 
 
+def test_plan_flag_prints_the_cells_and_trains_nothing(run_mod, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(run_mod, "task", lambda: pytest.fail("--plan launched the sweep"))
+    monkeypatch.setattr(run_mod, "_environment", lambda: None)
+    rd = tmp_path / "r"
+    assert run_mod.main(["-m", "fusion=cross_attn,qformer", "steps=2,4", *TINY, f"results_dir={rd}", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan: 4 cells, 2 training config(s); nothing run")
+    rows = [ln for ln in out.splitlines() if ln.startswith("  [todo] ")]
+    assert len(rows) == 4 and all("model=d2c" in ln for ln in rows)
+    assert sorted(re.search(r"fusion=(\w+) steps=(\d+)", ln).groups() for ln in rows) == \
+        [("cross_attn", "2"), ("cross_attn", "4"), ("qformer", "2"), ("qformer", "4")]
+    assert not rd.exists()                                   # nothing trained, nothing written
+
+
 def test_plan_keys_sampling_axes_share_train_key():
     from hydra import initialize_config_dir
     H.register_configs()
