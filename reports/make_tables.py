@@ -623,61 +623,32 @@ def published_md(path: Path) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------- tiny markdown -> html
-
-def _inline(s: str) -> str:
-    s = html.escape(s, quote=True)
-    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
-    s = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", r'<img alt="\1" src="\2">', s)
-    s = re.sub(r"\[([^\]]+)\]\(([^)\s]+?)\.md\)", r'<a href="\2.html">\1</a>', s)
-    s = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', s)
-    s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
-    return re.sub(r"(?<![\w*])_([^_]+)_(?![\w*])", r"<em>\1</em>", s)
-
-
-def _split_row(line: str) -> list[str]:
-    cells_ = re.split(r"(?<!\\)\|", line.strip().strip("|"))
-    return [c.strip().replace("\\|", "|") for c in cells_]
-
+# ---------------------------------------------------------------- markdown -> html
 
 def md_to_html(text: str, title: str = "report") -> str:
-    """The Markdown subset this script writes: headings, pipe tables, lists, paragraphs, inline
-    code/links/images/bold/italic (links to .md pages point at their .html twins)."""
-    lines, out, i = text.splitlines(), [], 0
-    while i < len(lines):
-        ln = lines[i]
-        if m := re.match(r"(#{1,6}) (.*)", ln):
-            out.append(f"<h{len(m[1])}>{_inline(m[2])}</h{len(m[1])}>")
-        elif ln.startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append(_split_row(lines[i]))
-                i += 1
-            body = rows[2:] if len(rows) > 1 and all(set(c) <= set("-: ") for c in rows[1]) else rows[1:]
-            out.append("<table>\n<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in rows[0]) + "</tr>")
-            out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body]
-            out.append("</table>")
-            continue
-        elif ln.startswith("- "):
-            out.append("<ul>")
-            while i < len(lines) and lines[i].startswith("- "):
-                out.append(f"<li>{_inline(lines[i][2:])}</li>")
-                i += 1
-            out.append("</ul>")
-            continue
-        elif ln.strip():
-            para = []
-            while i < len(lines) and lines[i].strip() and not re.match(r"(#{1,6} |\||- )", lines[i]):
-                para.append(_inline(lines[i]))
-                i += 1
-            out.append("<p>" + "\n".join(para) + "</p>")
-            continue
-        i += 1
+    """The report's Markdown as one HTML page (Python-Markdown with tables); links to .md pages
+    point at their .html twins."""
+    import markdown
+    from markdown.extensions import Extension
+    from markdown.treeprocessors import Treeprocessor
+
+    class MdLinksToHtml(Treeprocessor):
+        def run(self, root):
+            for a in root.iter("a"):
+                href = a.get("href", "")
+                if href.endswith(".md"):
+                    a.set("href", href[:-3] + ".html")
+
+    class Links(Extension):
+        def extendMarkdown(self, md):
+            md.treeprocessors.register(MdLinksToHtml(md), "md_links_to_html", 0)
+
+    body = markdown.markdown(text, extensions=["tables", Links()], output_format="html")
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;"
              "text-align:right}img{max-width:100%}")
     return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+            f"<style>{style}</style></head><body>\n" + body + "\n</body></html>\n")
 
 
 # ---------------------------------------------------------------- CLI
