@@ -12,7 +12,6 @@ Sample grids: <results_dir>/grids/<cell_id>.png.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -110,12 +109,7 @@ class ConfigError(ValueError):
 
 
 def register_configs() -> None:
-    """The run schema and data group; then our sweeper / launcher nodes, after Hydra's plugin scan
-    so that they replace the stock submitit_slurm / submitit_local nodes."""
-    from hydra.core.plugins import Plugins
-    Plugins.instance()
-    import hydra_plugins.d2c_ablations as plugins
-    plugins.register()
+    """The run schema and the data group (ablations/run.py also registers the Hydra plugins)."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="data", name="shapes", node=DataConfig())
@@ -433,13 +427,19 @@ def plan(args: list[str], loader=None, master=None) -> list[dict]:
 # --------------------------------------------------------------------------- one cell
 
 
-def base_record(c: dict, cell_id: str, train_key: str) -> dict:
-    from d2c.results import SCHEMA_VERSION, git_commit, versions
+def record_env() -> dict:
+    """Where a record was made: hardware, package versions, git commit (the same for every cell
+    a process writes)."""
     from d2c.metrics import hardware_info
+    from d2c.results import git_commit, versions
+    return {"hardware": hardware_info(), "versions": versions(), "git_commit": git_commit(REPO)}
+
+
+def base_record(c: dict, cell_id: str, train_key: str, env: dict | None = None) -> dict:
+    from d2c.results import SCHEMA_VERSION
     return {"schema": SCHEMA_VERSION, "cell_id": cell_id, "train_key": train_key, "status": "failed",
             "error": None, "family": family_of(c), "config": c, "metrics": {}, "speed": {},
-            "train_seconds": {}, "hardware": hardware_info(), "versions": versions(),
-            "git_commit": git_commit(REPO), "seed": c["seed"], "grid": None}
+            "train_seconds": {}, **(env or record_env()), "seed": c["seed"], "grid": None}
 
 
 def _distributed() -> tuple[int, int]:
@@ -508,10 +508,10 @@ def run_cell(c: dict, cell_id: str, train_key: str, log=print) -> dict:
     return rec
 
 
-def failed_record(cell: dict, error: str) -> dict:
-    """Written by the sweep for a cell whose job died without writing one."""
+def failed_record(cell: dict, error: str, env: dict | None = None) -> dict:
+    """The record of a cell whose job died without writing one (the sweep writes it)."""
     from d2c.results import now_iso
-    rec = base_record(cell["config"], cell["cell_id"], cell["train_key"])
+    rec = base_record(cell["config"], cell["cell_id"], cell["train_key"], env)
     rec.update(error=error[:500], started_at=None, finished_at=now_iso())
     return rec
 

@@ -15,12 +15,15 @@ d2c.cli.exit_on_user_error contract); so do a `_target_` outside d2c / this harn
 a results_dir with '..' components and a symlink in the results tree (records -> elsewhere).
 One record per cell in <results_dir>/records/<cell_id>.json (schema: core/d2c/results.py);
 finished cells are skipped when the sweep runs again.  Exit status 1 if any cell failed.
+Here the command is planned once (every cell composed, resolved and keyed), the plan handed to
+the d2c sweeper as a file, and the summary printed from the records after the sweep.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,7 +35,18 @@ from omegaconf import DictConfig  # noqa: E402
 
 import d2c_harness as H  # noqa: E402
 
-H.register_configs()
+
+def register() -> None:
+    """Hydra's plugin scan first (it re-executes the stock submitit config module), then our
+    sweeper / launcher nodes over the stock ones, then the run schema and data group."""
+    from hydra.core.plugins import Plugins
+    Plugins.instance()
+    import hydra_plugins.d2c_ablations as plugins
+    plugins.register()
+    H.register_configs()
+
+
+register()
 PASS_THROUGH = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--resolve",
                 "--package", "-p", "--shell-completion", "-sc")
 
@@ -117,10 +131,28 @@ def main(argv=None) -> int:
     if plan_only:
         _print_plan(cells)
         return 0
-    sys.argv = [sys.argv[0], "--multirun", *args]
+    sys.argv = [sys.argv[0], "--multirun", *args, f"hydra.sweeper.plan={_hydra_quote(_write_plan(cells, rd))}"]
     task()
-    sweep = getattr(H, "LAST_SWEEP", None)
-    return 1 if sweep is None or sweep["failed"] else 0
+    return 1 if H.print_summary(cells, rd) else 0
+
+
+def _write_plan(cells: list[dict], results_dir: Path) -> Path:
+    """The validated cells for the sweeper (hydra/sweeper=d2c): what it launches, how it names
+    them, and the record it writes for a cell whose job dies without one."""
+    from d2c.checkpoint import atomic_write_text
+    from d2c.results import safe_subdir
+    env = H.record_env()
+    plan = [{"overrides": c["overrides"], "cell_id": c["cell_id"], "train_key": c["train_key"],
+             "results_dir": c["config"]["results_dir"], "describe": H.describe(c["config"]),
+             "failed_record": H.failed_record(c, "", env)} for c in cells]
+    folder = safe_subdir(results_dir, "hydra")
+    path = folder / f"plan-{time.strftime('%Y-%m-%d_%H-%M-%S')}-{os.getpid()}.json"
+    atomic_write_text(path, json.dumps(plan, sort_keys=True, default=str))
+    return path
+
+
+def _hydra_quote(path: Path) -> str:
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The ablation harness (ablations/run.py): the design-card sweep on tiny presets, skip-finished,
 resume after SIGKILL, concurrent cells training a shared stage once, failed cells, and the
 one-line error for invalid configs (property-based)."""
+import json
 import os
 import re
 import shutil
@@ -72,6 +73,11 @@ def test_design_card_sweep_tiny_then_skip(tmp_path, feature_net):
         assert (rd / r["grid"]).is_file() and r["metrics"]["fid"] > 0 and r["speed"]["mar_steps"] == r["config"]["steps"]
         assert r["versions"]["torch"] and r["hardware"]["cpu_cores"] and r["seed"] == 0 and "git_commit" in r
     assert "4 ok, 0 failed of 4 cells" in p.stdout and str(rd / "records") in p.stdout
+    # as Hydra's own sweeper: the sweep's config beside its jobs; and the plan the sweep ran
+    (sweep_dir,) = [d for d in (rd / "hydra").iterdir() if d.is_dir()]
+    assert "fusion=cross_attn,qformer" in (sweep_dir / "multirun.yaml").read_text()
+    (plan,) = (rd / "hydra").glob("plan-*.json")
+    assert sorted(c["cell_id"] for c in json.loads(plan.read_text())) == sorted(r["cell_id"] for r in recs)
     again = run(["-m", "fusion=cross_attn,qformer", "steps=2,3", *TINY], rd)
     assert again.returncode == 0 and "4 already done (skipped), 0 to run" in again.stdout
     assert trained(again.stdout) == [] and len(records(rd)) == 4

@@ -1,9 +1,11 @@
 """Hydra plugins of the ablation harness (found by Hydra's scan of the `hydra_plugins` namespace
 when `ablations/` is on sys.path, which `ablations/run.py` arranges, also for its jobs):
 
-  hydra/sweeper=d2c          expands the cells (cross product, or the default comparison), skips
-                             finished ones, launches the rest in ONE launcher call, reports failed
-                             jobs as failed records, prints the summary table.
+  hydra/sweeper=d2c          runs the plan ablations/run.py made (hydra.sweeper.plan: the
+                             validated cells as JSON): skips finished cells, launches the rest in
+                             ONE launcher call, writes a failed record for a job that died without
+                             one, saves multirun.yaml in the sweep dir.  It imports nothing of the
+                             harness (run.py plans before and summarises after).
   hydra/launcher=submitit_slurm / submitit_local
                              the stock hydra-submitit-launcher configs with a launcher that waits
                              for every job, prints state changes, and turns a job that died (killed,
@@ -16,13 +18,14 @@ when `ablations/` is on sys.path, which `ablations/run.py` arranges, also for it
                              preemption) checkpoints too (d2c.train) and exits without a record.
   search path                slurm/conf (launcher presets such as hydra/launcher=local_cluster).
 """
+import json
 import os
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 import hydra_plugins.hydra_submitit_launcher.config as _stock
 from hydra.core.config_search_path import ConfigSearchPath
@@ -183,60 +186,65 @@ class D2CLocalConf(_stock.LocalQueueConf):
 @dataclass
 class D2CSweeperConf:
     _target_: str = "hydra_plugins.d2c_ablations.D2CSweeper"
+    plan: Optional[str] = None      # the validated cells, a JSON file ablations/run.py writes
 
 
 class D2CSweeper(Sweeper):
-    """Plan (validated by run.py already), skip finished cells, launch the rest, summarise."""
+    """Run the plan ablations/run.py made and validated: skip finished cells, launch the rest in
+    one launcher call, turn a job that died without a record into a failed record.  It imports
+    nothing of the harness: each planned cell carries its overrides, ids, description and the
+    failed record to write if its job is lost."""
 
-    def __init__(self) -> None:
+    def __init__(self, plan: Optional[str] = None) -> None:
+        self.plan = plan
         self.config = self.launcher = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         from hydra.core.plugins import Plugins
         self.config, self.hydra_context = config, hydra_context
-        import d2c_harness as H
-        H.check_target("hydra.launcher._target_", config.hydra.launcher.get("_target_"))   # also when not via run.py
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
-        import d2c_harness as H
-        from d2c.results import is_finished, write_record, read_record, record_path
+        from omegaconf import OmegaConf
 
-        cells = H.plan(list(arguments), self.hydra_context.config_loader, self.config)
-        results_dir = Path(cells[0]["config"]["results_dir"]) if cells else Path(".")
-        todo = [c for c in cells if not is_finished(c["config"]["results_dir"], c["cell_id"])]
+        from d2c.results import is_finished, now_iso, read_record, record_path, write_record
+
+        if not self.plan:
+            raise ValueError("hydra/sweeper=d2c runs the cells that ablations/run.py plans "
+                             "(hydra.sweeper.plan); start the sweep with ablations/run.py")
+        cells = json.loads(Path(self.plan).read_text())
+        sweep_dir = Path(self.config.hydra.sweep.dir)   # as Hydra's own sweeper: the sweep's config
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        todo = [c for c in cells if not is_finished(c["results_dir"], c["cell_id"])]
         trains = len({c["train_key"] for c in todo})
+        results_dir = cells[0]["results_dir"] if cells else "."
         print(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} already done (skipped), "
               f"{len(todo)} to run, {trains} training config(s); results in {results_dir}", flush=True)
         for c in cells:
-            mark = "done" if c not in todo else "todo"
-            print(f"  [{mark}] {c['cell_id'][:8]} {H.describe(c['config'])}", flush=True)
-        returns = []
-        if todo:
-            rets = self.launcher.launch([c["overrides"] for c in todo], initial_job_idx=0)
-            for c, r in zip(todo, rets):
-                if r.status != JobStatus.COMPLETED:
-                    err = r._return_value
-                    path = record_path(c["config"]["results_dir"], c["cell_id"])
-                    try:
-                        ok = read_record(path)["status"] == "ok"
-                    except Exception:
-                        ok = False
-                    if not ok:
-                        msg = str(err).strip().splitlines()
-                        write_record(c["config"]["results_dir"],
-                                     H.failed_record(c, msg[0] if msg else type(err).__name__))
-                        print(f"  FAILED {c['cell_id'][:8]} {H.describe(c['config'])}: {msg[0] if msg else ''}",
-                              flush=True)
-            returns.append(rets)
-        H.LAST_SWEEP = {"cells": cells, "failed": H.print_summary(cells, results_dir)}
-        return returns
+            print(f"  [{'todo' if c in todo else 'done'}] {c['cell_id'][:8]} {c['describe']}", flush=True)
+        if not todo:
+            return []
+        rets = self.launcher.launch([c["overrides"] for c in todo], initial_job_idx=0)
+        for c, r in zip(todo, rets):
+            if r.status == JobStatus.COMPLETED:
+                continue
+            try:
+                ok = read_record(record_path(c["results_dir"], c["cell_id"]))["status"] == "ok"
+            except Exception:
+                ok = False
+            if not ok:
+                msg = str(r._return_value).strip().splitlines()
+                error = msg[0] if msg else type(r._return_value).__name__
+                write_record(c["results_dir"], {**c["failed_record"], "error": error[:500], "finished_at": now_iso()})
+                print(f"  FAILED {c['cell_id'][:8]} {c['describe']}: {error}", flush=True)
+        return [rets]
 
 
 def register() -> None:
     """Store our sweeper and launcher nodes.  Call after Hydra's plugin scan (which re-executes
-    the stock plugin's config module): d2c_harness.register_configs() does."""
+    the stock plugin's config module): ablations/run.py does."""
     cs = ConfigStore.instance()
     cs.store(group="hydra/sweeper", name="d2c", node=D2CSweeperConf, provider="d2c_ablations")
     cs.store(group="hydra/launcher", name="submitit_slurm", node=D2CSlurmConf, provider="d2c_ablations")
