@@ -25,13 +25,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from d2c.checkpoint import stable_hash
 from d2c.cli import one_line
-from d2c.config import FUSIONS, PRESETS, TrainConfig, preset_kind
+from d2c.config import FUSIONS, MODELS, PRESETS, Family, TrainConfig, preset_kind
 from d2c.data.imagefolder import DataConfig, DataError, validate_data_config
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = Path(__file__).resolve().parent
 
-MODELS = ("d2c", "mar", "llamagen")
 RECIPES = ("small", "tiny")
 # test hooks: a cell that raises, a job process that dies, a cell that raises when seed % 5 == 0
 # (one cell in five of a seed sweep: the load test's failure pattern)
@@ -240,8 +239,8 @@ def check_results_tree(results_dir) -> None:
             raise ConfigError("results_dir", results_dir, message=f"results_dir={results_dir}: {e}") from None
 
 
-def family_of(c: dict) -> str:
-    return {"llamagen": "llamagen", "mar": "mar"}.get(c["model"]) or f"d2c_{c['fusion']}"
+def family_of(c: dict) -> Family:
+    return Family(c["model"], c["fusion"])
 
 
 def _tiny_stages() -> dict:
@@ -284,8 +283,8 @@ def keys(c: dict) -> tuple[str, str]:
     # every recipe stage the family depends on (gpt: llamagen and d2c; mar*: mar and d2c, incl.
     # an optional shared `mar_trunk`); the family's stage 2 with its fusion kind
     train = {s: dataclasses.asdict(cfg) for s, cfg in recipe.stages.items()
-             if not (s == "gpt" and fam == "mar") and not (s.startswith("mar") and fam == "llamagen")}
-    if fam != "llamagen":
+             if (fam.has_stage1 or s != "gpt") and (fam.has_stage2 or not s.startswith("mar"))}
+    if fam.has_stage2:
         train["stage2"] = dataclasses.asdict(mar_config(recipe, fam))
     train["data"] = dataclasses.asdict(recipe.data)
     return stable_hash(cell), stable_hash(train)
@@ -438,7 +437,7 @@ def record_env() -> dict:
 def base_record(c: dict, cell_id: str, train_key: str, env: dict | None = None) -> dict:
     from d2c.results import SCHEMA_VERSION
     return {"schema": SCHEMA_VERSION, "cell_id": cell_id, "train_key": train_key, "status": "failed",
-            "error": None, "family": family_of(c), "config": c, "metrics": {}, "speed": {},
+            "error": None, "family": family_of(c).name, "config": c, "metrics": {}, "speed": {},
             "train_seconds": {}, **(env or record_env()), "seed": c["seed"], "grid": None}
 
 
@@ -487,7 +486,7 @@ def run_cell(c: dict, cell_id: str, train_key: str, log=print) -> dict:
         pipe.models(fam)                      # trains / resumes / reuses (all ranks under DDP)
         if rank != 0:
             return {}
-        r = evaluate(pipe, fam, steps=c["steps"] or 1, num_images=c["num_images"], batch_size=c["batch_size"],
+        r = evaluate(pipe, fam, steps=c["steps"], num_images=c["num_images"], batch_size=c["batch_size"],
                      cfg=c["cfg"], temperature=c["temperature"], diffusion_steps=c["diffusion_steps"],
                      seed=c["seed"], progress=False)
         imgs = r["images"]

@@ -35,11 +35,11 @@ import seaborn as sns  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 try:
-    from d2c.config import FAMILIES, FUSIONS
+    from d2c.config import FAMILY_NAMES, FUSIONS
     from d2c.results import RecordError, read_records, record_path
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(HERE.parent / "core"))
-    from d2c.config import FAMILIES, FUSIONS
+    from d2c.config import FAMILY_NAMES, FUSIONS
     from d2c.results import RecordError, read_records, record_path
 
 # Fixed family colours (seaborn "colorblind"), the same in every figure.
@@ -363,7 +363,7 @@ def family_palette(families) -> dict:
 
 
 def _family_rank(f: str):
-    return (FAMILIES.index(f) if f in FAMILIES else len(FAMILIES), f)
+    return (FAMILY_NAMES.index(f) if f in FAMILY_NAMES else len(FAMILY_NAMES), f)
 
 
 def _save(fig, base: Path) -> list[Path]:

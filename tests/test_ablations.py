@@ -231,7 +231,7 @@ def test_plan_keys_sampling_axes_share_train_key():
         llama = H.plan(["model=llamagen", "steps=2,4,8"])
     assert len(cells) == 8 and len({c["cell_id"] for c in cells}) == 8
     assert len({c["train_key"] for c in cells}) == 1
-    fams = sorted(H.family_of(c["config"]) for c in default)
+    fams = sorted(H.family_of(c["config"]).name for c in default)
     assert fams == sorted(["llamagen", "mar", "mar", "d2c_cross_attn", "d2c_cross_attn", "d2c_qformer", "d2c_qformer"])
     assert len(llama) == 1 and llama[0]["config"]["steps"] is None  # steps do not apply: one cell
 

@@ -6,6 +6,7 @@ import torch
 
 from d2c.config import TrainConfig
 from d2c.data.imagefolder import DataConfig
+from d2c.config import Family
 from d2c.pipeline import Pipeline, Recipe, evaluate, mar_config
 
 
@@ -23,7 +24,7 @@ def _tiny_recipe(**gpt_kw):
 def test_stages_reused_and_retrained_only_downstream(tmp_path):
     logs = []
     pipe = Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=logs.append)
-    m = pipe.models("d2c_qformer")
+    m = pipe.models(Family("d2c", "qformer"))
     assert m["mar"].fusion.kind == "qformer" and set(m) == {"mar", "kl", "gpt"}
     trained = {line.split()[1] for line in logs}
     assert trained == {"kl", "vq", "gpt", "d2c_qformer"}
@@ -36,11 +37,11 @@ def test_stages_reused_and_retrained_only_downstream(tmp_path):
     assert abs(float(z.std()) - 1.0) < 0.3
 
     logs.clear()   # same recipe, new process state: nothing retrains
-    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=logs.append).models("d2c_qformer")
+    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=logs.append).models(Family("d2c", "qformer"))
     assert logs == []
 
     logs.clear()   # a stage-1 change retrains stage 1 only
-    Pipeline(_tiny_recipe(lr=2e-3), root=tmp_path, device="cpu", log=logs.append).models("d2c_qformer")
+    Pipeline(_tiny_recipe(lr=2e-3), root=tmp_path, device="cpu", log=logs.append).models(Family("d2c", "qformer"))
     assert [line.split()[1] for line in logs] == ["gpt"]
 
 
@@ -70,16 +71,18 @@ def test_new_shapes_version_retrains_and_rekeys_the_cache(tmp_path, monkeypatch)
 
 def test_family_configs():
     r = Recipe()
-    assert mar_config(r, "mar").overrides["fusion"]["kind"] == "none"
-    assert mar_config(r, "d2c_cross_attn").overrides["fusion"]["kind"] == "cross_attn"
+    assert mar_config(r, Family("mar")).overrides["fusion"]["kind"] == "none"
+    assert mar_config(r, Family("d2c", "cross_attn")).overrides["fusion"]["kind"] == "cross_attn"
     with pytest.raises(ValueError, match="family='gan'; allowed: llamagen, mar"):
-        Pipeline(r).models("gan")
+        Pipeline(r).models(Family.named("gan"))
+    with pytest.raises(ValueError, match="allowed: d2c with cross_attn or qformer"):
+        Family("d2c", "none")
 
 
 @pytest.mark.slow
 def test_evaluate_records_metrics_and_speed(tmp_path):
     pipe = Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=lambda s: None)
-    r = evaluate(pipe, "d2c_cross_attn", steps=2, num_images=20, batch_size=10, progress=False)
+    r = evaluate(pipe, Family("d2c", "cross_attn"), steps=2, num_images=20, batch_size=10, progress=False)
     assert r["images"].shape == (20, 3, 32, 32)
     assert {"fid", "is_mean", "precision", "recall", "class_accuracy"} <= set(r["metrics"])
     assert r["speed"]["mar_steps"] == 2 and r["speed"]["seconds_per_image"] > 0
@@ -95,8 +98,8 @@ def test_stage2_families_share_one_trunk(tmp_path):
     recipe.stages["mar"] = dataclasses.replace(recipe.stages["mar"], lr=0.0, steps=1)
     logs = []
     pipe = Pipeline(recipe, root=tmp_path, device="cpu", log=logs.append)
-    pipe.models("mar")
-    pipe.models("d2c_cross_attn")
+    pipe.models(Family("mar"))
+    pipe.models(Family("d2c", "cross_attn"))
     trained = [line.split()[1] for line in logs]
     assert trained.count("mar_trunk") == 1 and {"mar", "d2c_cross_attn"} <= set(trained)
     trunk = load_state_dict_file(sorted(pipe._dirs["mar_trunk"].glob("step_*"))[-1] / "model.safetensors")

@@ -69,7 +69,7 @@ def fid_of(family, steps, cfg, seed):
 def sweep():
     """3 seeds x families x steps (cfg 2.0) + a cfg sweep for qformer, and one failed run."""
     recs = []
-    for fam in mt.FAMILIES:
+    for fam in mt.FAMILY_NAMES:
         for steps in ((None,) if fam == "llamagen" else (4, 16, 64)):
             for seed in range(3):
                 recs.append(record(fam, steps, 2.0, seed, fid_of(fam, steps, 2.0, seed)))

@@ -89,9 +89,46 @@ class FusionConfig:
 
 
 FUSIONS = FusionConfig.KINDS
-# The compared families, as records, tables and the CLI name them: stage 1 alone (LlamaGen),
-# stage 2 alone (MAR, fusion none) and D2C with each fusion.
-FAMILIES = ("llamagen", "mar", "d2c_cross_attn", "d2c_qformer")
+MODELS = ("d2c", "mar", "llamagen")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a result compares: stage 1 alone (llamagen), stage 2 alone (mar: fusion none), or
+    both (d2c, with a fusion).  Records and tables carry `name`; code passes the value."""
+    model: str
+    fusion: str = "none"
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r}; allowed: {', '.join(MODELS)}")
+        if (self.model == "d2c") != (self.fusion != "none") or self.fusion not in FUSIONS:
+            raise ValueError(f"model={self.model} fusion={self.fusion!r}; allowed: d2c with "
+                             f"{' or '.join(FUSIONS[1:])}, mar and llamagen with none")
+
+    @property
+    def name(self) -> str:
+        return self.model if self.model != "d2c" else f"d2c_{self.fusion}"
+
+    @property
+    def has_stage1(self) -> bool:
+        return self.model != "mar"
+
+    @property
+    def has_stage2(self) -> bool:
+        return self.model != "llamagen"
+
+    @staticmethod
+    def named(name: str) -> "Family":
+        """The family a record or table calls `name`."""
+        by_name = {f.name: f for f in FAMILIES}
+        if name not in by_name:
+            raise ValueError(f"family={name!r}; allowed: {', '.join(by_name)}")
+        return by_name[name]
+
+
+FAMILIES = (Family("llamagen"), Family("mar"), Family("d2c", "cross_attn"), Family("d2c", "qformer"))
+FAMILY_NAMES = tuple(f.name for f in FAMILIES)
 
 
 @dataclass

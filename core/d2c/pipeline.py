@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from d2c.config import FAMILIES, TrainConfig, make_config
+from d2c.config import Family, TrainConfig, make_config
 from d2c.data.imagefolder import DataConfig, build_dataset
 from d2c.checkpoint import is_done, load_trained, stable_hash
 from d2c.data.batches import ImageSource, TokenSource
@@ -53,12 +53,11 @@ class Recipe:
     stages: dict = field(default_factory=_default_stages)
 
 
-def mar_config(recipe: Recipe, family: str, stage: str = "mar") -> TrainConfig:
-    """Stage-2 config of a family (from recipe stage `stage`, "mar" or "mar_trunk"): fusion none
-    for MAR, else the fusion in the family name."""
+def mar_config(recipe: Recipe, family: Family, stage: str = "mar") -> TrainConfig:
+    """Stage-2 config of a family (from recipe stage `stage`, "mar" or "mar_trunk"): the
+    family's fusion (none for MAR)."""
     base = recipe.stages[stage]
-    kind = "none" if family == "mar" else family.removeprefix("d2c_")
-    fusion = {**base.overrides.get("fusion", {}), "kind": kind}
+    fusion = {**base.overrides.get("fusion", {}), "kind": family.fusion}
     return dataclasses.replace(base, overrides={**base.overrides, "fusion": fusion})
 
 
@@ -152,7 +151,7 @@ class Pipeline:
                            lambda: TokenSource(self.cache()))
         return load_trained(out, device=self.device)
 
-    def mar(self, family: str):
+    def mar(self, family: Family):
         """Stage 2 of a family.  With a `mar_trunk` stage in the recipe, every family starts from
         one shared plain-MAR run of that many steps and trains `mar.steps` more (fusion modules
         zero-init, so a D2C model starts as the trunk): all families see the same number of
@@ -161,30 +160,30 @@ class Pipeline:
         scale = self.tokenizer("kl").cfg.scale
         upstream, init = self._upstream(), None
         if "mar_trunk" in self.recipe.stages:
-            trunk = mar_config(self.recipe, "mar", stage="mar_trunk")
+            trunk = mar_config(self.recipe, Family("mar"), stage="mar_trunk")
             init = self._ensure("mar_trunk", trunk, upstream, lambda: TokenSource(self.cache()),
                                 extra={"latent_scale": scale})
             upstream = (*upstream, init.name)
-        out = self._ensure(family, cfg, upstream, lambda: TokenSource(self.cache()),
+        out = self._ensure(family.name, cfg, upstream, lambda: TokenSource(self.cache()),
                            extra={"latent_scale": scale}, init_from=init)
         return load_trained(out, device=self.device)
 
-    def models(self, family: str) -> dict:
+    def models(self, family: Family) -> dict:
         """The keyword arguments of d2c_sample for a family."""
-        if family not in FAMILIES:
-            raise ValueError(f"family={family!r}; allowed: {', '.join(FAMILIES)}")
-        if family == "llamagen":
-            return {"gpt": self.gpt(), "vq": self.tokenizer("vq")}
-        models = {"mar": self.mar(family), "kl": self.tokenizer("kl")}
-        if family != "mar":
+        models = {}
+        if family.has_stage2:
+            models.update(mar=self.mar(family), kl=self.tokenizer("kl"))
+        if family.has_stage1:
             models["gpt"] = self.gpt()
+        if not family.has_stage2:
+            models["vq"] = self.tokenizer("vq")
         return models
 
 
 # --------------------------------------------------------------------------- sample + measure
 
 
-def evaluate(pipe: Pipeline, family: str, *, steps: int = 16, num_images: int = 1000, batch_size: int = 100,
+def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_images: int = 1000, batch_size: int = 100,
              cfg: float = 1.0, temperature: float = 1.0, diffusion_steps: int | None = None, seed: int = 0,
              progress: bool = True) -> dict:
     """Sample `num_images` class-balanced images of a family and measure them: FID/IS/KID/PR
@@ -200,7 +199,7 @@ def evaluate(pipe: Pipeline, family: str, *, steps: int = 16, num_images: int = 
     it = chunks
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(chunks, desc=f"sample {family} steps={steps}", dynamic_ncols=True)
+        it = tqdm(chunks, desc=f"sample {family.name} steps={steps}", dynamic_ncols=True)
     for i, lab in enumerate(it):
         res = d2c_sample(lab, seed=seed * 100_003 + i, steps=steps, cfg=cfg, temperature=temperature,
                          diffusion_steps=diffusion_steps, **models)
@@ -212,5 +211,5 @@ def evaluate(pipe: Pipeline, family: str, *, steps: int = 16, num_images: int = 
     speed = speed_record(SampleResult(images, None, None, timings, nfe), num_images, pipe.device)
     metrics = compute_metrics(images, mode="embedded", cache_dir=pipe.root / "cache", device=pipe.device)
     metrics["class_accuracy"] = class_accuracy(images, labels, cache_dir=pipe.root / "cache")
-    return {"family": family, "steps": steps, "cfg": cfg, "num_images": num_images,
+    return {"family": family.name, "steps": steps, "cfg": cfg, "num_images": num_images,
             "metrics": metrics, "speed": speed, "images": images}
