@@ -78,8 +78,42 @@ KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
 NOT_IN_CELL_ID = ("results_dir", "device", "threads")   # where it runs, not what it computes
 
 
+def _int_min(lo: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _number(ok):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v)
+
+
+def _or_null(check):
+    return lambda v: v is None or check(v)
+
+
+# key -> (rule, the `allowed:` text of its one-line error); resolve() checks in this order
+RULES = {
+    "model": (lambda v: v in MODELS, ", ".join(MODELS)),
+    "recipe": (lambda v: v in RECIPES, ", ".join(RECIPES)),
+    "fusion": (_or_null(lambda v: v in FUSIONS), ", ".join(FUSIONS)),
+    "discrete_model": (_or_null(lambda v: v in GPT_PRESETS), ", ".join(GPT_PRESETS) + " (or null: the recipe's)"),
+    "steps": (_int_min(1), "integers >= 1"),
+    "num_images": (_int_min(1), "integers >= 1"),
+    "batch_size": (_int_min(1), "integers >= 1"),
+    "diffusion_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
+    "train_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
+    "threads": (_or_null(_int_min(1)), "integers >= 1 or null"),
+    "seed": (_int_min(0), "integers >= 0"),
+    "cfg": (_number(lambda v: v >= 0), "numbers >= 0"),
+    "temperature": (_number(lambda v: v > 0), "numbers > 0"),
+    "fault": (_or_null(lambda v: v in FAULTS), ", ".join(FAULTS) + " or null"),
+    "device": (_or_null(lambda v: v == "cpu" or str(v).startswith("cuda")), "cpu, cuda, cuda:N or null"),
+}
+
+
 def allowed(key: str) -> str:
     """The allowed values of a key, as the one-line error prints them."""
+    if key in RULES:
+        return RULES[key][1]
     if key.startswith("data."):
         f = key.split(".", 1)[1]
         return {"name": ", ".join(DataConfig.NAMES), "root": "a folder path",
@@ -87,14 +121,7 @@ def allowed(key: str) -> str:
                 "seed": "integers", "on_bad": "skip, error"}.get(
             f, "fields " + ", ".join(x.name for x in dataclasses.fields(DataConfig)))
     return {
-        "model": ", ".join(MODELS), "fusion": ", ".join(FUSIONS),
-        "discrete_model": ", ".join(GPT_PRESETS) + " (or null: the recipe's)",
-        "steps": "integers >= 1", "diffusion_steps": "integers >= 1 or null",
-        "cfg": "numbers >= 0", "temperature": "numbers > 0", "num_images": "integers >= 1",
-        "seed": "integers >= 0", "data": ", ".join(DATA_OPTIONS), "recipe": ", ".join(RECIPES),
-        "train_steps": "integers >= 1 or null", "batch_size": "integers >= 1",
-        "results_dir": "a folder path", "device": "cpu, cuda, cuda:N or null",
-        "threads": "integers >= 1 or null", "fault": ", ".join(FAULTS) + " or null",
+        "data": ", ".join(DATA_OPTIONS), "results_dir": "a folder path",
         "_target_": "classes in " + ", ".join(p + "*" for p in TARGET_PREFIXES),
     }.get(key, "keys " + ", ".join(KEYS) + ", data.<field>, hydra/launcher=..., hydra.launcher.<field>")
 
@@ -119,8 +146,16 @@ def register_configs() -> None:
 # --------------------------------------------------------------------------- resolve + keys
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _fusion_for_model(c: dict) -> None:
+    """fusion defaulted per model (d2c: qformer, else none) and checked against it."""
+    if c["model"] == "d2c":
+        c["fusion"] = c["fusion"] or "qformer"
+        if c["fusion"] == "none":
+            raise ConfigError("fusion", "none", "model=d2c needs discrete conditioning (fusion=none is model=mar)")
+    elif c["fusion"] not in (None, "none"):
+        raise ConfigError("fusion", c["fusion"], f"model={c['model']} has no fusion; use model=d2c or fusion=none")
+    else:
+        c["fusion"] = "none"
 
 
 def resolve(cfg) -> dict:
@@ -137,39 +172,11 @@ def resolve(cfg) -> dict:
     if unknown:
         raise ConfigError(unknown[0], c[unknown[0]], "unknown key")
     c = {**{f.name: f.default for f in dataclasses.fields(RunConfig) if f.name != "data"}, **c}
-    if c["model"] not in MODELS:
-        raise ConfigError("model", c["model"])
-    if c["recipe"] not in RECIPES:
-        raise ConfigError("recipe", c["recipe"])
-    if c["fusion"] is not None and c["fusion"] not in FUSIONS:
-        raise ConfigError("fusion", c["fusion"])
-    model = c["model"]
-    if model == "d2c":
-        c["fusion"] = c["fusion"] or "qformer"
-        if c["fusion"] == "none":
-            raise ConfigError("fusion", "none", "model=d2c needs discrete conditioning (fusion=none is model=mar)")
-    elif c["fusion"] not in (None, "none"):
-        raise ConfigError("fusion", c["fusion"], f"model={model} has no fusion; use model=d2c or fusion=none")
-    else:
-        c["fusion"] = "none"
-    if c["discrete_model"] is not None and c["discrete_model"] not in GPT_PRESETS:
-        raise ConfigError("discrete_model", c["discrete_model"])
-    for k in ("steps", "num_images", "batch_size"):
-        if not _is_int(c[k]) or c[k] < 1:
-            raise ConfigError(k, c[k])
-    for k in ("diffusion_steps", "train_steps", "threads"):
-        if c[k] is not None and (not _is_int(c[k]) or c[k] < 1):
-            raise ConfigError(k, c[k])
-    if not _is_int(c["seed"]) or c["seed"] < 0:
-        raise ConfigError("seed", c["seed"])
-    if not isinstance(c["cfg"], (int, float)) or isinstance(c["cfg"], bool) or not c["cfg"] >= 0:
-        raise ConfigError("cfg", c["cfg"])
-    if not isinstance(c["temperature"], (int, float)) or isinstance(c["temperature"], bool) or not c["temperature"] > 0:
-        raise ConfigError("temperature", c["temperature"])
-    if c["fault"] is not None and c["fault"] not in FAULTS:
-        raise ConfigError("fault", c["fault"])
-    if c["device"] is not None and not (c["device"] == "cpu" or str(c["device"]).startswith("cuda")):
-        raise ConfigError("device", c["device"])
+    for key, (ok, _) in RULES.items():
+        if not ok(c[key]):
+            raise ConfigError(key, c[key])
+        if key == "fusion":
+            _fusion_for_model(c)
     data = c.get("data")
     if not isinstance(data, dict):
         raise ConfigError("data", data)
@@ -180,6 +187,7 @@ def resolve(cfg) -> dict:
         raise ConfigError(key, None, message=str(e)) from None
     c["cfg"], c["temperature"] = float(c["cfg"]), float(c["temperature"])
     # axes that do not apply to a model: null, so such cells are one cell
+    model = c["model"]
     if model == "llamagen":
         c["steps"] = c["diffusion_steps"] = None
     if model == "mar":
