@@ -336,7 +336,9 @@ def compute_metrics(images, *, mode: str = "embedded", reference=None, weights_p
 def _reference_features(inp, name, layers, kw, folder: Path) -> dict:
     """Features of the reference set: from `folder/<name>-<layers>.safetensors` when `name` is
     given and the file is there (nothing unpickled), else extracted (and then saved)."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import load_file
+
+    from d2c.checkpoint import save_safetensors
     if name is None:
         return _extract(inp, layers, kw)
     layers = sorted(set(layers))
@@ -347,10 +349,8 @@ def _reference_features(inp, name, layers, kw, folder: Path) -> dict:
             return feats
     except Exception:   # missing, truncated or foreign: recompute and replace
         pass
-    feats = {k: v.contiguous() for k, v in _extract(inp, layers, kw).items() if k in layers}
-    from d2c.checkpoint import atomic_write
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(save(feats)))
+    feats = {k: v for k, v in _extract(inp, layers, kw).items() if k in layers}
+    save_safetensors(feats, path)
     return feats
 
 
