@@ -158,14 +158,14 @@ def _fusion_for_model(c: dict) -> None:
         c["fusion"] = "none"
 
 
-def resolve(cfg) -> dict:
+def resolve(config) -> dict:
     """Check a composed config (DictConfig or dict) and return the resolved run config: fusion
     defaulted per model, axes that do not apply to a model set to null.  Raises ConfigError."""
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
-        c = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(config, DictConfig):
+        config = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
+        c = OmegaConf.to_container(config, resolve=True)
     else:
-        c = dict(cfg)
+        c = dict(config)
     c.pop("hydra", None)
     check_no_targets(c)
     unknown = sorted(set(c) - set(KEYS))
@@ -252,7 +252,7 @@ def family_of(c: dict) -> Family:
 
 
 def _tiny_stages() -> dict:
-    common = dict(batch_size=16, steps=3, lr=1e-3, warmup_steps=1, ema_decay=0.5, progress=False,
+    common = dict(batch_size=16, train_steps=3, lr=1e-3, warmup_steps=1, ema_decay=0.5, progress=False,
                   tensorboard=False, precision="fp32", scale_batches=2, ckpt_every=5, log_every=5)
     return {"kl": TrainConfig(stage="kl", preset="kl_tiny", **common),
             "vq": TrainConfig(stage="vq", preset="vq_tiny", **common),
@@ -270,7 +270,7 @@ def build_recipe(c: dict):
     from d2c.pipeline import Recipe
     stages = recipe_stages(c["recipe"])
     if c["train_steps"] is not None:
-        stages = {k: dataclasses.replace(v, steps=c["train_steps"],
+        stages = {k: dataclasses.replace(v, train_steps=c["train_steps"],
                                          warmup_steps=min(v.warmup_steps, c["train_steps"]))
                   for k, v in stages.items()}
     gpt = stages["gpt"]
@@ -290,7 +290,7 @@ def keys(c: dict) -> tuple[str, str]:
     fam = family_of(c)
     # every recipe stage the family depends on (gpt: llamagen and d2c; mar*: mar and d2c, incl.
     # an optional shared `mar_trunk`); the family's stage 2 with its fusion kind
-    train = {s: dataclasses.asdict(cfg) for s, cfg in recipe.stages.items()
+    train = {s: dataclasses.asdict(config) for s, config in recipe.stages.items()
              if (fam.has_stage1 or s != "gpt") and (fam.has_stage2 or not s.startswith("mar"))}
     if fam.has_stage2:
         train["stage2"] = dataclasses.asdict(mar_config(recipe, fam))
@@ -384,15 +384,15 @@ def compose_cell(overrides: list[str], loader=None, master=None):
     """Compose one cell's config (Hydra's own rules) and resolve it; errors -> ConfigError."""
     try:
         if loader is not None:
-            cfg = loader.load_sweep_config(master, list(overrides))
+            config = loader.load_sweep_config(master, list(overrides))
         else:
             from hydra import compose
-            cfg = compose(config_name="config", overrides=list(overrides))
+            config = compose(config_name="config", overrides=list(overrides))
     except ConfigError:
         raise
     except Exception as e:
         raise hydra_error(e, overrides) from None
-    return resolve(cfg)
+    return resolve(config)
 
 
 def hydra_error(e: Exception, overrides) -> ConfigError:

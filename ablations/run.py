@@ -52,10 +52,10 @@ PASS_THROUGH = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--i
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
-def task(cfg: DictConfig):
+def task(config: DictConfig):
     """One cell (runs inside the launcher's job)."""
     import d2c_harness as H
-    c = H.resolve(cfg)
+    c = H.resolve(config)
     cell_id, train_key = H.keys(c)
     print(f"cell {cell_id[:8]} running: {H.describe(c)}", flush=True)
     rec = H.run_cell(c, cell_id, train_key)

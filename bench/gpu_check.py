@@ -211,7 +211,7 @@ def sampler_impls():
     from d2c.models.diffloss import DiffLoss
     dev = "cuda"
     torch.manual_seed(0)
-    dl = DiffLoss(16, 768, depth=6, width=1024, num_sampling_steps=100).to(dev).eval()
+    dl = DiffLoss(16, 768, depth=6, width=1024, diffusion_steps=100).to(dev).eval()
     with torch.no_grad():
         for p in dl.parameters():
             p.normal_(0, 0.02 if p.dim() > 1 else 0.05)

@@ -82,11 +82,11 @@ def test_gpt_decode_step(benchmark, size):
     key(benchmark, f"gpt-step/eager/{size}")
     gpt = _models(size, "cpu")["gpt"]
     b = 8
-    n = gpt.cfg.block_size
+    n = gpt.config.block_size
     with torch.inference_mode():
-        gpt.setup_cache(b, gpt.cfg.cls_token_num + n)
+        gpt.setup_cache(b, gpt.config.cls_token_num + n)
         gpt.prefill(torch.arange(b) % 10)
-        codes = torch.randint(0, gpt.cfg.vocab_size, (b, n // 2))
+        codes = torch.randint(0, gpt.config.vocab_size, (b, n // 2))
         gpt.decode(codes[:, :-1], 1)
         pos = n // 2
         try:

@@ -122,15 +122,15 @@ def flatten(rec: dict, source: str) -> dict:
     hardware `hw.*`, versions `ver.*`).  Raises RecordError on wrong types."""
     if not isinstance(rec["family"], str):
         raise RecordError(f"family={rec['family']!r} is not a string")
-    cfg, metrics, speed = _obj(rec, "config"), _obj(rec, "metrics"), _obj(rec, "speed")
+    config, metrics, speed = _obj(rec, "config"), _obj(rec, "metrics"), _obj(rec, "speed")
     hw, ver = _obj(rec, "hardware"), _obj(rec, "versions")
     row = {"file": source, "cell_id": str(rec["cell_id"]), "status": rec["status"], "error": rec.get("error"),
            "family": rec["family"], "grid": rec.get("grid"), "git_commit": rec.get("git_commit"),
            "started_at": rec.get("started_at"), "finished_at": rec.get("finished_at"),
            "hardware": hardware_label(hw)}
-    seed = rec.get("seed", cfg.get("seed"))
-    row["seed"] = seed if seed is not None else cfg.get("seed")
-    for k, v in _flat(cfg).items():
+    seed = rec.get("seed", config.get("seed"))
+    row["seed"] = seed if seed is not None else config.get("seed")
+    for k, v in _flat(config).items():
         if k != "seed":
             row[f"config.{k}" if k in RESERVED else k] = v
     for k, v in metrics.items():
@@ -148,7 +148,7 @@ def flatten(rec: dict, source: str) -> dict:
     n = speed.get("num_images")
     if not isinstance(n, (int, float)) or isinstance(n, bool) or n <= 0:
         tot, spi = row.get("seconds_total", math.nan), row.get("seconds_per_image", math.nan)
-        n = tot / spi if spi and spi > 0 and math.isfinite(tot) else cfg.get("num_images")
+        n = tot / spi if spi and spi > 0 and math.isfinite(tot) else config.get("num_images")
     for s in STAGES:
         t = row.get(f"{s}_seconds", math.nan)
         row[f"{s}_s_img"] = t / n if isinstance(n, (int, float)) and n and n > 0 else math.nan

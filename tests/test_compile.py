@@ -22,7 +22,7 @@ def test_compiled_head_step_matches_eager_without_recompiles():
     from d2c.models.diffloss import DiffLoss
 
     torch._dynamo.reset()
-    dl = DiffLoss(4, 16, depth=2, width=32, num_sampling_steps=6)
+    dl = DiffLoss(4, 16, depth=2, width=32, diffusion_steps=6)
     with torch.no_grad():
         for p in dl.parameters():
             p.normal_(0, 0.1)

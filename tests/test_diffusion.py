@@ -205,7 +205,7 @@ def test_clip_x0_bounds_a_wrong_eps_and_is_exact_when_loose():
 def test_fused_sampler_applies_clip_x0_like_eager():
     from d2c.models.diffloss import DiffLoss
     torch.manual_seed(0)
-    dl = DiffLoss(4, 16, 2, 32, num_sampling_steps=10, clip_x0=0.5).eval()
+    dl = DiffLoss(4, 16, 2, 32, diffusion_steps=10, clip_x0=0.5).eval()
     for p in dl.parameters():                    # non-zero output layer: eps far from the truth
         torch.nn.init.normal_(p, std=0.3)
     z = torch.randn(6, 16)

@@ -160,7 +160,7 @@ def test_usr2_in_job_checkpoints_training_then_hands_over_to_submitit(tmp_path, 
     requeues); handlers and the stop flag are restored afterwards."""
     import d2c.train as T
     from d2c.checkpoint import is_done
-    from test_reliability import cfg_, src
+    from test_reliability import train_config, src
 
     # the stock launcher class our launcher calls through super(): taken from the MRO, because
     # Hydra's plugin scan may have re-imported its module (a fresh class object) in this process
@@ -174,13 +174,13 @@ def test_usr2_in_job_checkpoints_training_then_hands_over_to_submitit(tmp_path, 
 
     real_lr = T.lr_at
 
-    def usr2_at_2(step, cfg):
+    def usr2_at_2(step, config):
         if step == 2:
             os.kill(os.getpid(), signal.SIGUSR2)
-        return real_lr(step, cfg)
+        return real_lr(step, config)
 
     def job_body(self, *args):             # the stock job callable: here, one training run
-        T.train(cfg_(steps=6, ckpt_every=1000), src(), tmp_path / "run")
+        T.train(train_config(train_steps=6, ckpt_every=1000), src(), tmp_path / "run")
         return "finished"
     monkeypatch.setattr(T, "lr_at", usr2_at_2)
     monkeypatch.setattr(LocalLauncher, "__call__", job_body)

@@ -144,19 +144,19 @@ def test_kv_cache_steps_equal_full_recompute():
     torch.testing.assert_close(torch.stack(steps, 1), ref, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_greedy_generation_equals_full_recompute(cfg_scale):
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_greedy_generation_equals_full_recompute(cfg):
     m = tiny(torch.float64)
     labels = torch.tensor([2, 5])
-    codes, nfe = gpt_generate(m, labels, cfg_scale=cfg_scale, temperature=0.0)
+    codes, nfe = gpt_generate(m, labels, cfg=cfg, temperature=0.0)
     assert codes.shape == (2, 64) and codes.dtype == torch.long
-    assert nfe["ar_steps"] == 64 and nfe["batch_mul"] == (2 if cfg_scale != 1 else 1)
+    assert nfe["ar_steps"] == 64 and nfe["batch_mul"] == (2 if cfg != 1 else 1)
     with torch.no_grad():
         c = full_logits(m, codes, labels)
         u = full_logits(m, codes, torch.full_like(labels, 10))
-    logits = c if cfg_scale == 1 else u + cfg_scale * (c - u)
+    logits = c if cfg == 1 else u + cfg * (c - u)
     assert torch.equal(codes, logits.argmax(-1))
-    if cfg_scale != 1:  # guidance must actually change something, or the test proves nothing
+    if cfg != 1:  # guidance must actually change something, or the test proves nothing
         assert not torch.equal(codes, c.argmax(-1))
 
 
@@ -165,10 +165,10 @@ def test_cfg_batches_cond_then_null_and_skips_uncond_at_scale_one():
     seen = []
     m.cls_embedding.embedding_table.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
     g = lambda: torch.Generator().manual_seed(0)
-    a, _ = gpt_generate(m, torch.tensor([3, 8]), cfg_scale=1.0, generator=g())
+    a, _ = gpt_generate(m, torch.tensor([3, 8]), cfg=1.0, generator=g())
     assert [s.tolist() for s in seen] == [[3, 8]]
     seen.clear()
-    b, _ = gpt_generate(m, torch.tensor([3, 8]), cfg_scale=4.0, generator=g())
+    b, _ = gpt_generate(m, torch.tensor([3, 8]), cfg=4.0, generator=g())
     assert [s.tolist() for s in seen] == [[3, 8, 10, 10]]  # uncond half = null class
     assert not torch.equal(a, b)
     assert m.layers[0].attention.kv_cache is None and not m.training
@@ -198,7 +198,7 @@ def test_top_k_top_p_keep_exactly_the_right_set():
 
 def test_seed_reproduces_bit_for_bit():
     m = tiny()
-    kw = dict(cfg_scale=2.0, temperature=1.0, top_k=100, top_p=0.9, cfg_schedule="linear")
+    kw = dict(cfg=2.0, temperature=1.0, top_k=100, top_p=0.9, cfg_schedule="linear")
     run = lambda seed: gpt_generate(m, torch.tensor([1, 2, 3]), generator=torch.Generator().manual_seed(seed), **kw)[0]
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b)

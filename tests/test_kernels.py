@@ -180,7 +180,7 @@ def test_resblock_kernels_match_reference(m, w, dtype):
 
 def _random_head(depth=2, width=48, c=4, z=16, std=0.1):
     from d2c.models.diffloss import DiffLoss
-    dl = DiffLoss(c, z, depth=depth, width=width, num_sampling_steps=8)
+    dl = DiffLoss(c, z, depth=depth, width=width, diffusion_steps=8)
     with torch.no_grad():
         for name, p in dl.named_parameters():
             p.normal_(0, std if p.dim() > 1 else 0.05)

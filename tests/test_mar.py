@@ -305,13 +305,13 @@ def test_qformer_fills_buffer_and_cross_attn_runs_after_decoder_blocks():
 
 
 # ------------------------------------------------------------------ DiffLoss guidance
-def test_diffloss_cfg_scale_one_equals_conditional_path():
+def test_diffloss_cfg_one_equals_conditional_path():
     # Identities of the math, so checked in float64: the guided path runs 12-row products where
     # the plain one runs 6, which round differently, and ten unclipped reverse steps amplify
     # that (float32 on an AVX-512 EPYC: 2.9e-4 relative, about 5e3 float32 ulps).  The same
     # amplification leaves float64 near 1e-12 (values here reach ~1e5); rtol 1e-9 keeps a margin
     # while a wrong mix (cfg on v, the wrong half) moves the tokens by 1e-5 relative or more.
-    dl = _randomize_zero_init(DiffLoss(4, 16, depth=2, width=32, num_sampling_steps=10), std=0.2).double()
+    dl = _randomize_zero_init(DiffLoss(4, 16, depth=2, width=32, diffusion_steps=10), std=0.2).double()
     g = torch.Generator().manual_seed(0)
     zc, zu = torch.randn(6, 16, generator=g, dtype=torch.float64), torch.randn(6, 16, generator=g, dtype=torch.float64)
     tol = dict(rtol=1e-9, atol=1e-9)
@@ -392,7 +392,7 @@ def test_mar_sample_reveals_on_cosine_schedule(schedule):
     orig = m.diffloss.sample
 
     def spy(z, temperature, cfg, **k):
-        calls.append((z.shape[0], cfg, k["guided"], k["num_steps"]))
+        calls.append((z.shape[0], cfg, k["guided"], k["diffusion_steps"]))
         return orig(z, temperature, cfg, **k)
 
     m.diffloss.sample = spy

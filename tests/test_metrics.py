@@ -12,7 +12,7 @@ from d2c import metrics as M
 from d2c.data.shapes import make_shapes
 from d2c.sampling import SampleResult
 
-SMALL = M.FeatureNetConfig(n_train=3000, steps=150)  # ~97% held-out accuracy, seconds to train
+SMALL = M.FeatureNetConfig(n_train=3000, train_steps=150)  # ~97% held-out accuracy, seconds to train
 
 
 def _refuse(*args, **kwargs):
@@ -161,19 +161,19 @@ def test_feature_net_cache(tmp_path, monkeypatch):
     calls = []
     from d2c.metrics import feature_net
     train = feature_net._train_feature_net
-    monkeypatch.setattr(feature_net, "_train_feature_net", lambda cfg, progress=True: calls.append(cfg) or train(cfg, False))
-    cfg = M.FeatureNetConfig(n_train=100, steps=2)
-    net1, path = M.load_feature_net(cfg, tmp_path)
-    assert len(calls) == 1 and path.is_file() and path.name == f"feature_net_{cfg.key()}.safetensors"
+    monkeypatch.setattr(feature_net, "_train_feature_net", lambda config, progress=True: calls.append(config) or train(config, False))
+    config = M.FeatureNetConfig(n_train=100, train_steps=2)
+    net1, path = M.load_feature_net(config, tmp_path)
+    assert len(calls) == 1 and path.is_file() and path.name == f"feature_net_{config.key()}.safetensors"
     mtime = path.stat().st_mtime_ns
-    net2, again = M.load_feature_net(cfg, tmp_path)
+    net2, again = M.load_feature_net(config, tmp_path)
     assert len(calls) == 1 and again == path and path.stat().st_mtime_ns == mtime
     assert all(torch.equal(a, b) for a, b in zip(net1.state_dict().values(), net2.state_dict().values()))
-    _, other = M.load_feature_net(dataclasses.replace(cfg, steps=3), tmp_path)
+    _, other = M.load_feature_net(dataclasses.replace(config, train_steps=3), tmp_path)
     assert len(calls) == 2 and other != path
     path.write_bytes(b"garbage")  # an unusable cache entry is retrained, with a warning
     with pytest.warns(UserWarning, match="retraining"):
-        M.load_feature_net(cfg, tmp_path)
+        M.load_feature_net(config, tmp_path)
     assert len(calls) == 3
 
 

@@ -11,7 +11,7 @@ from d2c.pipeline import Pipeline, Recipe, evaluate, mar_config
 
 
 def _tiny_recipe(**gpt_kw):
-    common = dict(batch_size=16, steps=3, lr=1e-3, warmup_steps=1, ema_decay=0.5, progress=False,
+    common = dict(batch_size=16, train_steps=3, lr=1e-3, warmup_steps=1, ema_decay=0.5, progress=False,
                   tensorboard=False, precision="fp32", scale_batches=2)
     return Recipe(data=DataConfig(num_images=64, seed=5), stages={
         "kl": TrainConfig(stage="kl", preset="kl_tiny", **common),
@@ -31,7 +31,7 @@ def test_stages_reused_and_retrained_only_downstream(tmp_path):
     # KL latent scale was fitted: scaled latents of real images have ~unit std
     kl = m["kl"]
     x = pipe.dataset.images[:32].float() / 127.5 - 1
-    assert kl.cfg.scale != 1.0
+    assert kl.config.scale != 1.0
     with torch.no_grad():
         z = kl.encode(x, generator=torch.Generator().manual_seed(0))
     assert abs(float(z.std()) - 1.0) < 0.3
@@ -95,7 +95,7 @@ def test_stage2_families_share_one_trunk(tmp_path):
     recipe = _tiny_recipe()
     recipe.stages["mar_trunk"] = recipe.stages["mar"]
     # lr 0 after the trunk: a family's weights must then equal the trunk's, key for key
-    recipe.stages["mar"] = dataclasses.replace(recipe.stages["mar"], lr=0.0, steps=1)
+    recipe.stages["mar"] = dataclasses.replace(recipe.stages["mar"], lr=0.0, train_steps=1)
     logs = []
     pipe = Pipeline(recipe, root=tmp_path, device="cpu", log=logs.append)
     pipe.models(Family("mar"))

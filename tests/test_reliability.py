@@ -32,8 +32,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1",
 from test_train import MemoryCache  # noqa: E402  (in-memory TokenCache stand-in)
 
 
-def cfg_(**kw):
-    base = dict(stage="gpt", preset="gpt_tiny", batch_size=8, steps=4, lr=3e-3, warmup_steps=1,
+def train_config(**kw):
+    base = dict(stage="gpt", preset="gpt_tiny", batch_size=8, train_steps=4, lr=3e-3, warmup_steps=1,
                 ema_decay=0.9, ckpt_every=2, log_every=1, progress=False, tensorboard=False,
                 precision="fp32", overrides={"resid_dropout_p": 0.1})   # dropout on: RNG must resume too
     base.update(kw)
@@ -66,8 +66,8 @@ def one_line(exc_info, *needles):
 def reference(tmp_path_factory):
     """Uninterrupted runs every recovery is compared with: 4 steps and 5 steps."""
     root = tmp_path_factory.mktemp("ref")
-    train(cfg_(), src(), root / "r4")
-    train(cfg_(steps=5), src(), root / "r5")
+    train(train_config(), src(), root / "r4")
+    train(train_config(train_steps=5), src(), root / "r5")
     return {4: (weights(root / "r4"), weights(root / "r4", ema=True)), 5: (weights(root / "r5"), None)}
 
 
@@ -80,7 +80,7 @@ import torch
 torch.set_num_threads(1)
 import d2c.checkpoint as C
 import d2c.train as T
-from test_reliability import cfg_, src
+from test_reliability import train_config, src
 point, out = sys.argv[1], Path(sys.argv[2])
 calls = {"sf": 0, "save": 0, "fsync": 0}
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -121,7 +121,7 @@ def rmtree(p, *a, **k):                  # pruning step_2 (keep=1): one file gon
     return real_rmtree(p, *a, **k)
 C.shutil.rmtree = rmtree
 
-T.train(cfg_(keep_checkpoints=1 if point == "prune" else 2), src(), out)
+T.train(train_config(keep_checkpoints=1 if point == "prune" else 2), src(), out)
 """
 
 
@@ -142,7 +142,7 @@ def test_sigkill_during_checkpoint_write(tmp_path, reference, point, survivor):
     assert not (run / "DONE").exists()
     left = {"prune": ".del_step_0000002_"}.get(point, ".tmp_step_0000004_" if "half" in point else None)
     assert [q.name.startswith(left) for q in run.iterdir() if q.name.startswith(".")] == ([True] if left else [])
-    train(cfg_(), src(), run)                            # the requeued run completes ...
+    train(train_config(), src(), run)                            # the requeued run completes ...
     assert_same(weights(run), reference[4][0])           # ... exactly as if never killed
     assert_same(weights(run, ema=True), reference[4][1])
     assert not [q.name for q in run.iterdir() if q.name.startswith(".")]   # leftovers cleaned
@@ -154,15 +154,15 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 import d2c.train as T
-from test_reliability import cfg_, src
+from test_reliability import train_config, src
 real = T.lr_at
-def slow_lr(step, cfg):                  # ~20 steps/s, and a sign of life for the test
+def slow_lr(step, config):                  # ~20 steps/s, and a sign of life for the test
     time.sleep(0.05)
     if step == 3:
         Path(sys.argv[2]).write_text("running")
-    return real(step, cfg)
+    return real(step, config)
 T.lr_at = slow_lr
-T.train(cfg_(steps=400, ckpt_every=1000), src(), sys.argv[1])
+T.train(train_config(train_steps=400, ckpt_every=1000), src(), sys.argv[1])
 """
 
 
@@ -186,8 +186,8 @@ def test_sigterm_checkpoints_and_requeued_run_resumes(tmp_path):
     n = int(ck.name[5:])
     assert 4 <= n < 400 and not (run / "DONE").exists()
     load_trained(run)
-    train(cfg_(steps=n + 2, ckpt_every=1000), src(), run)                 # requeued: resumes at n
-    train(cfg_(steps=n + 2, ckpt_every=1000), src(), tmp_path / "full")    # never interrupted
+    train(train_config(train_steps=n + 2, ckpt_every=1000), src(), run)                 # requeued: resumes at n
+    train(train_config(train_steps=n + 2, ckpt_every=1000), src(), tmp_path / "full")    # never interrupted
     assert_same(weights(run), weights(tmp_path / "full"))
     assert_same(weights(run, ema=True), weights(tmp_path / "full", ema=True))
 
@@ -198,17 +198,17 @@ def test_request_stop_raises_preempted_after_checkpoint(tmp_path, reference, mon
     and the previous SIGTERM handler is back afterwards."""
     real = T.lr_at
 
-    def stop_at_2(step, cfg):
+    def stop_at_2(step, config):
         if step == 2:
             T.request_stop()
-        return real(step, cfg)
+        return real(step, config)
     monkeypatch.setattr(T, "lr_at", stop_at_2)
     mine = lambda *a: None  # noqa: E731
     prev = signal.signal(signal.SIGTERM, mine)
     try:
         with pytest.raises(Preempted) as e:
             try:
-                train(cfg_(ckpt_every=1000), src(), tmp_path / "r")
+                train(train_config(ckpt_every=1000), src(), tmp_path / "r")
             except Exception:            # a harness's failure handler must not see a preemption
                 pytest.fail("Preempted caught as an Exception")
         assert isinstance(e.value, SystemExit) and e.value.code == 128 + signal.SIGTERM
@@ -218,15 +218,15 @@ def test_request_stop_raises_preempted_after_checkpoint(tmp_path, reference, mon
     finally:
         signal.signal(signal.SIGTERM, prev)
     monkeypatch.setattr(T, "lr_at", real)
-    train(cfg_(), src(), tmp_path / "r")
+    train(train_config(), src(), tmp_path / "r")
     assert_same(weights(tmp_path / "r"), reference[4][0])
 
 
 def test_stop_during_the_last_step_finishes_then_exits(tmp_path, monkeypatch):
     real = T.lr_at
-    monkeypatch.setattr(T, "lr_at", lambda step, cfg: (T.request_stop() if step == 3 else None) or real(step, cfg))
+    monkeypatch.setattr(T, "lr_at", lambda step, config: (T.request_stop() if step == 3 else None) or real(step, config))
     with pytest.raises(Preempted) as e:
-        train(cfg_(), src(), tmp_path / "r")
+        train(train_config(), src(), tmp_path / "r")
     assert e.value.step == 4 and is_done(tmp_path / "r")     # the requeued job finds it finished
     assert not T._stop.is_set()
 
@@ -238,11 +238,11 @@ def _ddp_stop_worker(rank, world, port, out):
     torch.set_num_threads(1)
     real_lr, real_loss, now = T.lr_at, T.stage_loss, {}
 
-    def lr(step, cfg):
+    def lr(step, config):
         now["step"] = step
         if rank == 0 and step == 3:
             T.request_stop()
-        return real_lr(step, cfg)
+        return real_lr(step, config)
 
     def loss_fn(*a):
         loss, sc = real_loss(*a)
@@ -251,7 +251,7 @@ def _ddp_stop_worker(rank, world, port, out):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            train(cfg_(steps=8, ckpt_every=1000, on_nonfinite="skip"), src(), out, device="cpu")
+            train(train_config(train_steps=8, ckpt_every=1000, on_nonfinite="skip"), src(), out, device="cpu")
     except Preempted as e:
         Path(out, f"rank{rank}").write_text(str(e.step))
     finally:
@@ -281,12 +281,12 @@ def _poison(monkeypatch, bad_steps, kind="loss"):
     real, state = T.stage_loss, {"step": None}
     real_lr = T.lr_at
 
-    def lr(step, cfg):                   # lr_at is called once per step, before the loss
+    def lr(step, config):                   # lr_at is called once per step, before the loss
         state["step"] = step
-        return real_lr(step, cfg)
+        return real_lr(step, config)
 
-    def loss_fn(stage, model, batch, cfg):
-        loss, sc = real(stage, model, batch, cfg)
+    def loss_fn(stage, model, batch, config):
+        loss, sc = real(stage, model, batch, config)
         if state["step"] in bad_steps:
             p = next(model.parameters())
             if kind == "loss":
@@ -302,20 +302,20 @@ def test_nonfinite_stop_saves_last_good_state(tmp_path, reference, monkeypatch):
     run = tmp_path / "r"
     _poison(monkeypatch, {5})
     with pytest.raises(NonFiniteLoss) as e:
-        train(cfg_(steps=6, ckpt_every=4), src(), run)
+        train(train_config(train_steps=6, ckpt_every=4), src(), run)
     one_line(e, "non-finite loss nan at step 5", "step_0000005", "on_nonfinite=skip")
     assert sorted(p.name for p in run.glob("step_*")) == ["step_0000004", "step_0000005"]
     assert_same(weights(run), reference[5][0])     # the state before the bad step, bad update not applied
     assert not (run / "DONE").exists()
     monkeypatch.undo()
-    train(cfg_(steps=6, ckpt_every=4), src(), run)     # the cause fixed: the rerun resumes at 5
-    assert json.loads((run / "DONE").read_text()) == {"steps": 6, "skipped_steps": []}
+    train(train_config(train_steps=6, ckpt_every=4), src(), run)     # the cause fixed: the rerun resumes at 5
+    assert json.loads((run / "DONE").read_text()) == {"train_steps": 6, "skipped_steps": []}
 
 
 def test_nonfinite_at_first_step_writes_nothing(tmp_path, monkeypatch):
     _poison(monkeypatch, {0})
     with pytest.raises(NonFiniteLoss) as e:
-        train(cfg_(), src(), tmp_path / "r")
+        train(train_config(), src(), tmp_path / "r")
     one_line(e, "at step 0", "nothing saved")
     assert not list((tmp_path / "r").glob("step_*"))
 
@@ -325,7 +325,7 @@ def test_nonfinite_skip_drops_the_batch(tmp_path, monkeypatch, kind):
     run = tmp_path / "r"
     _poison(monkeypatch, {2, 3}, kind)
     with pytest.warns(RuntimeWarning, match="grad norm nan" if kind == "grad" else "loss nan") as rec:
-        train(cfg_(steps=5, ckpt_every=1, keep_checkpoints=10, on_nonfinite="skip"), src(), run)
+        train(train_config(train_steps=5, ckpt_every=1, keep_checkpoints=10, on_nonfinite="skip"), src(), run)
     assert sum("batch skipped" in str(w.message) for w in rec) == 2
     assert json.loads((run / "DONE").read_text())["skipped_steps"] == [2, 3]
     # no optimizer step, no EMA update: the states after steps 2, 3 and 4 are identical
@@ -342,15 +342,15 @@ def test_nonfinite_skip_is_bounded(tmp_path, monkeypatch):
     _poison(monkeypatch, {1, 2, 3})
     with pytest.raises(NonFiniteLoss) as e, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        train(cfg_(on_nonfinite="skip", max_consecutive_skips=2), src(), tmp_path / "r")
+        train(train_config(on_nonfinite="skip", max_consecutive_skips=2), src(), tmp_path / "r")
     one_line(e, "at step 3", "3 batches in a row", "max_consecutive_skips=2")
 
 
 def test_train_config_switches_validated():
     with pytest.raises(ValueError, match=r"^on_nonfinite='ignore'; allowed: stop, skip$"):
-        validate(cfg_(on_nonfinite="ignore"))
+        validate(train_config(on_nonfinite="ignore"))
     with pytest.raises(ValueError, match=r"^max_consecutive_skips=0; allowed: integers >= 1$"):
-        validate(cfg_(max_consecutive_skips=0))
+        validate(train_config(max_consecutive_skips=0))
 
 
 # =============================================================================== 3. bad inputs
@@ -410,11 +410,11 @@ def test_truncated_or_garbage_checkpoints_are_one_line(tmp_path):
 
 def test_damaged_checkpoint_in_a_run_is_named_and_older_ones_kept(tmp_path):
     run = tmp_path / "r"
-    train(cfg_(), src(), run)
+    train(train_config(), src(), run)
     f = run / "step_0000004" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:1000])          # outside damage (bad disk, partial copy)
     with pytest.raises(CheckpointError) as e:
-        train(cfg_(steps=6), src(), run)
+        train(train_config(train_steps=6), src(), run)
     one_line(e, "cannot resume", "step_0000004", "move", "step_0000002")
     assert (run / "step_0000002" / "state.pt").is_file()
 
@@ -507,10 +507,10 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
     # the same payload as a run's state.pt: resuming refuses it too
     run = tmp_path / "r"
-    train(cfg_(), src(), run)
+    train(train_config(), src(), run)
     torch.save({"step": 4, "optimizer": _Evil(marker)}, run / "step_0000004" / "state.pt")
     with pytest.raises(CheckpointError) as e:
-        train(cfg_(steps=6), src(), run)
+        train(train_config(train_steps=6), src(), run)
     one_line(e, "state.pt", "refused")
     # and as an object array in reference statistics (np.load allow_pickle=False)
     from d2c.metrics import MetricsError
@@ -550,9 +550,9 @@ def test_no_unsafe_deserialisation_in_the_code():
 
 
 def test_training_is_bit_identical(tmp_path):
-    cfg = cfg_(stage="mar", preset="mar_tiny", steps=2, overrides={"fusion": "qformer"})
+    config = train_config(stage="mar", preset="mar_tiny", train_steps=2, overrides={"fusion": "qformer"})
     for name in ("a", "b"):
-        train(cfg, src(), tmp_path / name, extra_batch={"latent_scale": 1.0})
+        train(config, src(), tmp_path / name, extra_batch={"latent_scale": 1.0})
     assert_same(weights(tmp_path / "a"), weights(tmp_path / "b"))
 
 
@@ -560,7 +560,7 @@ def test_samples_are_bit_identical_for_a_seed():
     from d2c.sampling import d2c_sample
     torch.manual_seed(1)
     gpt, vq, kl = d2c.build("gpt_tiny").eval(), d2c.build("vq_tiny").eval(), d2c.build("kl_tiny").eval()
-    mar = d2c.build("mar_tiny", fusion="qformer", num_sampling_steps=4).eval()
+    mar = d2c.build("mar_tiny", fusion="qformer", diffusion_steps=4).eval()
     labels = torch.arange(2)
     for models in (dict(gpt=gpt, mar=mar, kl=kl), dict(gpt=gpt, vq=vq)):   # D2C (both stages), LlamaGen
         runs = []
@@ -578,13 +578,13 @@ def test_metrics_are_bit_identical(tmp_path):
     from scratch in another cache folder."""
     from d2c import metrics as M
     from d2c.data.shapes import make_shapes
-    net_cfg = M.FeatureNetConfig(n_train=256, steps=10, batch_size=32)
+    net_config = M.FeatureNetConfig(n_train=256, train_steps=10, batch_size=32)
     images, labels = make_shapes(120, seed=3)
     ref, _ = make_shapes(120, seed=4)
     out = []
     for cache in ("c1", "c2"):
-        kw = dict(cache_dir=tmp_path / cache, feature_net=net_cfg)
+        kw = dict(cache_dir=tmp_path / cache, feature_net=net_config)
         m = M.compute_metrics(images, reference=ref, kid_subset_size=50, isc_splits=2, **kw)
-        m["class_accuracy"] = M.class_accuracy(images, labels, cfg=net_cfg, cache_dir=tmp_path / cache)
+        m["class_accuracy"] = M.class_accuracy(images, labels, config=net_config, cache_dir=tmp_path / cache)
         out.append(m)
     assert out[0] == out[1] and all(np.isfinite(v) for v in out[0].values())

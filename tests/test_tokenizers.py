@@ -152,7 +152,7 @@ def test_vq_encode_decode_shapes_and_range():
     x = images(3)
     codes = m.encode(x)
     assert codes.dtype == torch.long and codes.shape == (3, 8, 8)
-    assert 0 <= codes.min() and codes.max() < m.cfg.codebook_size
+    assert 0 <= codes.min() and codes.max() < m.config.codebook_size
     out = m.decode_codes(codes)
     assert out.shape == x.shape
     assert torch.equal(m.decode_codes(codes.flatten(1)), out)   # (B, h*w) is accepted
@@ -172,7 +172,7 @@ def _random_codebook(m, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():   # fresh, unnormalised: the lookup must normalise itself
         m.quantize.embedding.weight.copy_(torch.randn(m.quantize.embedding.weight.shape, generator=g) * 3)
-    return torch.randn(4, m.cfg.codebook_embed_dim, 8, 8, generator=g) * 2
+    return torch.randn(4, m.config.codebook_embed_dim, 8, 8, generator=g) * 2
 
 
 @pytest.mark.parametrize("l2", [True, False])
@@ -200,7 +200,7 @@ def test_vq_losses_and_gradients():
     x = images(4)
     recon, losses = m(x)
     assert set(losses) == {"codebook", "commit", "entropy"}
-    assert torch.allclose(losses["commit"], m.cfg.commit_loss_beta * losses["codebook"])
+    assert torch.allclose(losses["commit"], m.config.commit_loss_beta * losses["codebook"])
     assert "entropy" not in d2c.build("vq_tiny")(x)[1]
     m.zero_grad()
     F.mse_loss(recon, x).backward(retain_graph=True)
@@ -219,15 +219,15 @@ def test_kl_shapes_and_moments():
     x = images(3)
     with torch.no_grad():
         moments = m.encode_moments(x)
-        assert moments.shape == (3, 2 * m.cfg.embed_dim, 8, 8)
+        assert moments.shape == (3, 2 * m.config.embed_dim, 8, 8)
         post = m.posterior(x)
-        e = m.cfg.embed_dim
+        e = m.config.embed_dim
         assert torch.equal(post.mean, moments[:, :e])
         assert torch.equal(post.logvar, moments[:, e:].clamp(-30, 20))
         assert torch.equal(post.mode(), post.mean)
         assert post.kl().shape == (3,) and (post.kl() >= 0).all()
         lat = m.encode(x)
-        assert lat.shape == (3, m.cfg.embed_dim, 8, 8)
+        assert lat.shape == (3, m.config.embed_dim, 8, 8)
         assert m.decode(lat).shape == x.shape
 
 

@@ -35,8 +35,8 @@ class MemoryCache:
         return {"codes": self.codes[idx, f], "moments": self.moments[idx, f], "labels": self.labels[idx]}
 
 
-def _cfg(**kw):
-    base = dict(stage="gpt", preset="gpt_tiny", batch_size=8, steps=6, lr=3e-3, warmup_steps=1,
+def train_config(**kw):
+    base = dict(stage="gpt", preset="gpt_tiny", batch_size=8, train_steps=6, lr=3e-3, warmup_steps=1,
                 ema_decay=0.9, ckpt_every=2, log_every=1, progress=False, tensorboard=False,
                 precision="fp32", overrides={"resid_dropout_p": 0.0, "ffn_dropout_p": 0.0,
                                              "token_dropout_p": 0.0, "class_dropout_prob": 0.0})
@@ -49,9 +49,9 @@ def _weights(run, ema=False):
 
 
 def test_lr_schedule_and_decay_groups():
-    cfg = TrainConfig(lr=1.0, warmup_steps=10, steps=110, schedule="cosine", min_lr=0.1)
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+    config = TrainConfig(lr=1.0, warmup_steps=10, train_steps=110, schedule="cosine", min_lr=0.1)
+    assert lr_at(0, config) == pytest.approx(0.1) and lr_at(9, config) == pytest.approx(1.0)
+    assert lr_at(60, config) == pytest.approx(0.55) and lr_at(110, config) == pytest.approx(0.1)
     mar = d2c.build("mar_tiny")
     decay, no_decay = param_groups(mar, 0.02)
     names = {id(p): n for n, p in mar.named_parameters()}
@@ -76,12 +76,12 @@ def test_one_step_changes_weights_and_few_steps_lower_loss(tmp_path, stage, pres
     else:
         src = TokenSource(MemoryCache(n=8))
     ov = {"mar": {"fusion": "qformer", "vae_embed_dim": 4}}.get(stage, {})
-    cfg = TrainConfig(stage=stage, preset=preset, batch_size=8, steps=1, lr=2e-3, warmup_steps=1,
+    config = TrainConfig(stage=stage, preset=preset, batch_size=8, train_steps=1, lr=2e-3, warmup_steps=1,
                       progress=False, tensorboard=False, precision="fp32", ema_decay=0.0, overrides=ov)
     extra = {"latent_scale": 1.0} if stage == "mar" else None
     torch.manual_seed(0)
     init = d2c.build(preset, **ov).state_dict()
-    train(cfg, src, tmp_path / "a", extra_batch=extra)
+    train(config, src, tmp_path / "a", extra_batch=extra)
     after = load_trained(tmp_path / "a", ema=False).state_dict()
     changed = [k for k in init if init[k].is_floating_point() and not torch.equal(init[k], after[k])]
     # MAR's DiffLoss output starts at zero, so on step 1 only the head (and decayed matrices)
@@ -97,19 +97,19 @@ def test_one_step_changes_weights_and_few_steps_lower_loss(tmp_path, stage, pres
         batch = {**src.get(torch.arange(8), torch.zeros(8, dtype=torch.bool)), **(extra or {})}
         model.train()
         with torch.no_grad():
-            return stage_loss(stage, model, batch, cfg)[0].item()
+            return stage_loss(stage, model, batch, config)[0].item()
     before = loss_of(load_trained(tmp_path / "a", ema=False))
-    train(TrainConfig(**{**cfg.__dict__, "steps": 12}), src, tmp_path / "a", extra_batch=extra)
+    train(TrainConfig(**{**config.__dict__, "train_steps": 12}), src, tmp_path / "a", extra_batch=extra)
     assert loss_of(load_trained(tmp_path / "a", ema=False)) < 0.9 * before
 
 
 def test_resume_equals_uninterrupted(tmp_path):
     src = TokenSource(MemoryCache())
     # dropout on: resume must also restore the randomness, not only weights and optimizer
-    cfg = _cfg(overrides={"resid_dropout_p": 0.1})
-    train(cfg, src, tmp_path / "full")
-    train(_cfg(overrides={"resid_dropout_p": 0.1}, steps=4), src, tmp_path / "part")  # "crash" after step 4
-    train(cfg, src, tmp_path / "part")                                                  # resume to 6
+    config = train_config(overrides={"resid_dropout_p": 0.1})
+    train(config, src, tmp_path / "full")
+    train(train_config(overrides={"resid_dropout_p": 0.1}, train_steps=4), src, tmp_path / "part")  # "crash" after step 4
+    train(config, src, tmp_path / "part")                                                  # resume to 6
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -121,7 +121,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     src = TokenSource(MemoryCache())
-    train(_cfg(steps=2), src, tmp_path / "r")
+    train(train_config(train_steps=2), src, tmp_path / "r")
     good = _weights(tmp_path / "r")
     import d2c.checkpoint as C
     real = C.save_safetensors
@@ -135,22 +135,22 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         return real(obj, path)
     monkeypatch.setattr(C, "save_safetensors", dying)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(steps=4), src, tmp_path / "r")
+        train(train_config(train_steps=4), src, tmp_path / "r")
     monkeypatch.setattr(C, "save_safetensors", real)
     loaded = _weights(tmp_path / "r")      # the previous checkpoint, intact
     for k in good:
         assert torch.equal(good[k], loaded[k])
-    train(_cfg(steps=4), src, tmp_path / "r")   # and the run still completes
-    assert json.loads((tmp_path / "r" / "DONE").read_text())["steps"] == 4
+    train(train_config(train_steps=4), src, tmp_path / "r")   # and the run still completes
+    assert json.loads((tmp_path / "r" / "DONE").read_text())["train_steps"] == 4
 
 
 _KILL_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_train import MemoryCache, _cfg
+from test_train import MemoryCache, train_config
 from d2c.data.batches import TokenSource
 from d2c.train import train
-train(_cfg(steps=400, ckpt_every=1, keep_checkpoints=2), TokenSource(MemoryCache()), {out!r})
+train(train_config(train_steps=400, ckpt_every=1, keep_checkpoints=2), TokenSource(MemoryCache()), {out!r})
 """
 
 
@@ -195,7 +195,7 @@ def _ddp_worker(rank, world, port, out):
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)      # see the test
     try:
-        train(_cfg(steps=3, lr=1e-2), TokenSource(MemoryCache()), out, device="cpu")
+        train(train_config(train_steps=3, lr=1e-2), TokenSource(MemoryCache()), out, device="cpu")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -215,7 +215,7 @@ def test_ddp_gloo_two_processes_equal_one_process(tmp_path):
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
     with _default_dtype(torch.float64):
-        train(_cfg(steps=3, lr=1e-2), TokenSource(MemoryCache()), tmp_path / "one")
+        train(train_config(train_steps=3, lr=1e-2), TokenSource(MemoryCache()), tmp_path / "one")
         a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
         init = d2c.build("gpt_tiny").state_dict()
     for k in a:

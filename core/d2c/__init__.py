@@ -43,8 +43,8 @@ def build(preset: str, **overrides):
     `build("mar_base", fusion="qformer")` gives D2C with the MAR-B backbone.
     Build under `torch.device("meta")` to count parameters without memory.
     """
-    cfg = make_config(preset, **overrides)
-    return model_class(preset_kind(preset))(cfg)
+    config = make_config(preset, **overrides)
+    return model_class(preset_kind(preset))(config)
 
 
 def load_pretrained(preset: str, path, strict: bool = True, **overrides):

@@ -153,7 +153,7 @@ class MARConfig:
     buffer_size: int = 64
     diffloss_d: int = 6
     diffloss_w: int = 1024
-    num_sampling_steps: int = 100      # respaced DDPM steps at sampling time
+    diffusion_steps: int = 100         # respaced DDPM steps at sampling time
     diffusion_batch_mul: int = 4
     clip_x0: Optional[float] = None    # sampling: bound on the head's pred_x0 (None = MAR, unclipped)
     grad_checkpointing: bool = False
@@ -180,7 +180,7 @@ class TrainConfig:
     preset: str = "mar_tiny"
     overrides: dict = field(default_factory=dict)   # model config fields, as d2c.build takes them
     batch_size: int = 64               # global batch (split over DDP ranks)
-    steps: int = 1000                  # optimizer steps
+    train_steps: int = 1000            # optimizer steps
     lr: float = 1e-4
     warmup_steps: int = 100
     schedule: str = "constant"         # constant | cosine (after warmup)
@@ -238,7 +238,7 @@ PRESETS: dict[str, object] = {
     "mar_tiny": MARConfig(img_size=32, vae_stride=4, encoder_embed_dim=64, encoder_depth=2,
                           encoder_num_heads=4, decoder_embed_dim=64, decoder_depth=2,
                           decoder_num_heads=4, vae_embed_dim=4, class_num=10, buffer_size=8,
-                          diffloss_d=2, diffloss_w=64, num_sampling_steps=20,
+                          diffloss_d=2, diffloss_w=64, diffusion_steps=20,
                           fusion=FusionConfig(codebook_size=512, d_fuse=64, num_heads=4,
                                               num_queries=8, depth=1)),
     # Embedded-default presets: the sizes the CPU recipe (d2c.pipeline) trains in minutes.
@@ -253,7 +253,7 @@ PRESETS: dict[str, object] = {
                            encoder_num_heads=4, decoder_embed_dim=128, decoder_depth=3,
                            decoder_num_heads=4, vae_embed_dim=4, class_num=10, buffer_size=16,
                            attn_dropout=0.0, proj_dropout=0.0, diffloss_d=3, diffloss_w=128,
-                           num_sampling_steps=50, diffusion_batch_mul=1,  # CPU budget: head is 2/3 of a step
+                           diffusion_steps=50, diffusion_batch_mul=1,  # CPU budget: head is 2/3 of a step
                            clip_x0=5.0,   # latents are unit-std; unclipped, a 400-step head diverges
                            fusion=FusionConfig(codebook_size=256, d_fuse=128, num_heads=4,
                                                num_queries=16, depth=2)),
@@ -261,55 +261,55 @@ PRESETS: dict[str, object] = {
 
 
 def preset_kind(name: str) -> str:
-    cfg = PRESETS[name]
-    return {VQConfig: "vq", KLConfig: "kl", GPTConfig: "gpt", MARConfig: "mar"}[type(cfg)]
+    config = PRESETS[name]
+    return {VQConfig: "vq", KLConfig: "kl", GPTConfig: "gpt", MARConfig: "mar"}[type(config)]
 
 
 def make_config(preset: str, **overrides):
     """Copy of a preset with fields replaced; `fusion` may be a kind name or a dict."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
-    cfg = PRESETS[preset]
-    names = {f.name for f in dataclasses.fields(cfg)}
+    config = PRESETS[preset]
+    names = {f.name for f in dataclasses.fields(config)}
     bad = sorted(set(overrides) - names)
     if bad:
         raise ValueError(f"{preset}: unknown field(s) {bad}; allowed: {', '.join(sorted(names))}")
-    if "fusion" in overrides and isinstance(cfg, MARConfig):
+    if "fusion" in overrides and isinstance(config, MARConfig):
         fu = overrides["fusion"]
         if isinstance(fu, str):
-            fu = dataclasses.replace(cfg.fusion, kind=fu)
+            fu = dataclasses.replace(config.fusion, kind=fu)
         elif isinstance(fu, dict):
-            fu = dataclasses.replace(cfg.fusion, **fu)
+            fu = dataclasses.replace(config.fusion, **fu)
         overrides["fusion"] = fu
-    cfg = dataclasses.replace(cfg, **overrides)
-    validate(cfg)
-    return cfg
+    config = dataclasses.replace(config, **overrides)
+    validate(config)
+    return config
 
 
-def validate(cfg) -> None:
+def validate(config) -> None:
     """Fail early with one line naming the field and what is allowed."""
-    if isinstance(cfg, TrainConfig):
-        for name, allowed in (("stage", cfg.STAGES), ("schedule", cfg.SCHEDULES), ("precision", cfg.PRECISIONS),
-                              ("on_nonfinite", cfg.ON_NONFINITE)):
-            if getattr(cfg, name) not in allowed:
-                raise ValueError(f"{name}={getattr(cfg, name)!r}; allowed: {', '.join(allowed)}")
-        if cfg.preset not in PRESETS or preset_kind(cfg.preset) != cfg.stage:
-            ok = [p for p in PRESETS if preset_kind(p) == cfg.stage]
-            raise ValueError(f"preset={cfg.preset!r} for stage {cfg.stage}; allowed: {', '.join(ok)}")
-        for name in ("batch_size", "steps", "max_consecutive_skips"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"{name}={getattr(cfg, name)}; allowed: integers >= 1")
-    if isinstance(cfg, MARConfig):
-        fu = cfg.fusion
+    if isinstance(config, TrainConfig):
+        for name, allowed in (("stage", config.STAGES), ("schedule", config.SCHEDULES), ("precision", config.PRECISIONS),
+                              ("on_nonfinite", config.ON_NONFINITE)):
+            if getattr(config, name) not in allowed:
+                raise ValueError(f"{name}={getattr(config, name)!r}; allowed: {', '.join(allowed)}")
+        if config.preset not in PRESETS or preset_kind(config.preset) != config.stage:
+            ok = [p for p in PRESETS if preset_kind(p) == config.stage]
+            raise ValueError(f"preset={config.preset!r} for stage {config.stage}; allowed: {', '.join(ok)}")
+        for name in ("batch_size", "train_steps", "max_consecutive_skips"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"{name}={getattr(config, name)}; allowed: integers >= 1")
+    if isinstance(config, MARConfig):
+        fu = config.fusion
         if fu.kind not in FusionConfig.KINDS:
             raise ValueError(f"fusion.kind={fu.kind!r}; allowed: {', '.join(FusionConfig.KINDS)}")
-        if fu.kind == "qformer" and not 0 < fu.num_queries <= cfg.buffer_size:
-            raise ValueError(f"fusion.num_queries={fu.num_queries}; allowed: 1..buffer_size={cfg.buffer_size}")
+        if fu.kind == "qformer" and not 0 < fu.num_queries <= config.buffer_size:
+            raise ValueError(f"fusion.num_queries={fu.num_queries}; allowed: 1..buffer_size={config.buffer_size}")
         if fu.kind == "cross_attn" and fu.layers is not None:
-            bad = [i for i in fu.layers if not 0 <= i < cfg.decoder_depth]
+            bad = [i for i in fu.layers if not 0 <= i < config.decoder_depth]
             if bad:
-                raise ValueError(f"fusion.layers={list(fu.layers)}; allowed: indices in 0..{cfg.decoder_depth - 1}")
-        if cfg.img_size % (cfg.vae_stride * cfg.patch_size):
-            raise ValueError(f"img_size={cfg.img_size} must be divisible by vae_stride*patch_size")
-    if isinstance(cfg, GPTConfig) and cfg.dim % cfg.n_head:
-        raise ValueError(f"dim={cfg.dim} must be divisible by n_head={cfg.n_head}")
+                raise ValueError(f"fusion.layers={list(fu.layers)}; allowed: indices in 0..{config.decoder_depth - 1}")
+        if config.img_size % (config.vae_stride * config.patch_size):
+            raise ValueError(f"img_size={config.img_size} must be divisible by vae_stride*patch_size")
+    if isinstance(config, GPTConfig) and config.dim % config.n_head:
+        raise ValueError(f"dim={config.dim} must be divisible by n_head={config.n_head}")

@@ -33,7 +33,7 @@ def _run(args):
     gpt, vq, kl = d2c.build("gpt_tiny").eval(), d2c.build("vq_tiny").eval(), d2c.build("kl_tiny").eval()
     mar = d2c.build("mar_tiny").eval()
     d2c_qf = d2c.build("mar_tiny", fusion="qformer").eval()
-    labels = torch.arange(args.num_images) % gpt.cfg.num_classes
+    labels = torch.arange(args.num_images) % gpt.config.num_classes
     runs = {"llamagen": dict(gpt=gpt, vq=vq), "mar": dict(mar=mar, kl=kl),
             "d2c_qformer": dict(gpt=gpt, mar=d2c_qf, kl=kl)}
     out = Path(args.out)

@@ -29,20 +29,20 @@ def _default_stages() -> dict:
     """The embedded default: sized so the whole chain trains on a 2-core CPU in minutes.
 
     Tokenizers: LDM's autoencoder betas (0.5, 0.9) and lr 1e-3 (2e-3 and 5e-3 learned slower).
-    Stage 2: one plain-MAR trunk, then `mar.steps` more for each family (Pipeline.mar).
+    Stage 2: one plain-MAR trunk, then `mar.train_steps` more for each family (Pipeline.mar).
     The transformers train in fp32: at these widths (128) bf16 autocast made a CPU step 1.8x
     slower (GPT 0.40 vs 0.22 s, MAR 0.46 vs 0.25 s; batch 64, 2 cores), and the time saved buys
     twice the steps."""
     common = dict(warmup_steps=50, ema_decay=0.995, precision="auto", ckpt_every=200, log_every=20)
-    tok = dict(steps=600, batch_size=32, lr=1e-3, betas=(0.5, 0.9), **common)
+    tok = dict(train_steps=600, batch_size=32, lr=1e-3, betas=(0.5, 0.9), **common)
     fp32 = {**common, "precision": "fp32"}
     return {
         "kl": TrainConfig(stage="kl", preset="kl_small", **tok),
         "vq": TrainConfig(stage="vq", preset="vq_small", **tok),
-        "gpt": TrainConfig(stage="gpt", preset="gpt_small", steps=600, batch_size=64, lr=2e-3,
+        "gpt": TrainConfig(stage="gpt", preset="gpt_small", train_steps=600, batch_size=64, lr=2e-3,
                            weight_decay=0.05, grad_clip=1.0, **fp32),
-        "mar_trunk": TrainConfig(stage="mar", preset="mar_small", steps=450, batch_size=64, lr=2e-3, **fp32),
-        "mar": TrainConfig(stage="mar", preset="mar_small", steps=150, batch_size=64, lr=1e-3,
+        "mar_trunk": TrainConfig(stage="mar", preset="mar_small", train_steps=450, batch_size=64, lr=2e-3, **fp32),
+        "mar": TrainConfig(stage="mar", preset="mar_small", train_steps=150, batch_size=64, lr=1e-3,
                            **{**fp32, "warmup_steps": 10}),
     }
 
@@ -105,20 +105,20 @@ class Pipeline:
             self._dataset = build_dataset(self.recipe.data)
         return self._dataset
 
-    def _ensure(self, name: str, cfg: TrainConfig, upstream: tuple, source_fn, extra=None, init_from=None) -> Path:
+    def _ensure(self, name: str, config: TrainConfig, upstream: tuple, source_fn, extra=None, init_from=None) -> Path:
         # the resolved model config is hashed too: editing a preset must not reuse old weights;
         # so is the dataset's identity (the token cache's), which names its generator version or files
         from d2c.data.cache import dataset_identity
-        model_cfg = make_config(cfg.preset, **cfg.overrides)
+        model_config = make_config(config.preset, **config.overrides)
         data = (self.recipe.data, dataset_identity(self.dataset))
-        out = self.root / "ckpt" / f"{name}-{stable_hash([cfg, model_cfg, *data, *upstream], length=12)}"
+        out = self.root / "ckpt" / f"{name}-{stable_hash([config, model_config, *data, *upstream], length=12)}"
         if not is_done(out):
             with _stage_lock(out):   # concurrent processes (sweep cells) train a stage once
                 if not is_done(out):
                     last = sorted(p.name for p in out.glob("step_*")) if out.exists() else []
                     self.log(f"training {name} -> {out}" + (f" (resuming from {last[-1]})" if last else ""))
                     t0 = time.perf_counter()
-                    train(cfg, source_fn(), out, device=self.device, extra_batch=extra, init_from=init_from)
+                    train(config, source_fn(), out, device=self.device, extra_batch=extra, init_from=init_from)
                     self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
         self._dirs[name] = out
         return out
@@ -153,18 +153,18 @@ class Pipeline:
 
     def mar(self, family: Family):
         """Stage 2 of a family.  With a `mar_trunk` stage in the recipe, every family starts from
-        one shared plain-MAR run of that many steps and trains `mar.steps` more (fusion modules
+        one shared plain-MAR run of that many steps and trains `mar.train_steps` more (fusion modules
         zero-init, so a D2C model starts as the trunk): all families see the same number of
         steps, and the trunk is paid once instead of three times."""
-        cfg = mar_config(self.recipe, family)
-        scale = self.tokenizer("kl").cfg.scale
+        config = mar_config(self.recipe, family)
+        scale = self.tokenizer("kl").config.scale
         upstream, init = self._upstream(), None
         if "mar_trunk" in self.recipe.stages:
             trunk = mar_config(self.recipe, Family("mar"), stage="mar_trunk")
             init = self._ensure("mar_trunk", trunk, upstream, lambda: TokenSource(self.cache()),
                                 extra={"latent_scale": scale})
             upstream = (*upstream, init.name)
-        out = self._ensure(family.name, cfg, upstream, lambda: TokenSource(self.cache()),
+        out = self._ensure(family.name, config, upstream, lambda: TokenSource(self.cache()),
                            extra={"latent_scale": scale}, init_from=init)
         return load_trained(out, device=self.device)
 
@@ -192,7 +192,7 @@ def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_imag
     from d2c.sampling import SampleResult, d2c_sample
 
     models = pipe.models(family)
-    num_classes = models["gpt"].cfg.num_classes if "gpt" in models else models["mar"].cfg.class_num
+    num_classes = models["gpt"].config.num_classes if "gpt" in models else models["mar"].config.class_num
     labels = balanced_labels(num_images, num_classes)
     images, timings, nfe = [], {}, {}
     chunks = list(torch.split(labels, batch_size))

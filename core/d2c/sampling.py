@@ -50,13 +50,14 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
                steps: int = 16, cfg: float = 1.0, cfg_schedule: str = "linear",
                temperature: float = 1.0, diffusion_steps: int | None = None,
-               gpt_cfg: float | None = None, gpt_temperature: float = 1.0, top_k: int = 0,
+               gpt_temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, progress: bool = False, compile: bool = False) -> SampleResult:
     """The two-stage pipeline, and its two baselines by leaving a stage out:
       D2C       gpt -> codes -> mar(codes) -> latents -> kl.decode
       MAR       mar -> latents -> kl.decode                      (gpt=None)
       LlamaGen  gpt -> codes -> vq.decode_codes                  (mar=None)
-    One generator seeded with `seed` drives both stages, so a seed reproduces a run.
+    One generator seeded with `seed` drives both stages, so a seed reproduces a run; `cfg` guides
+    both (gpt_temperature, top_k, top_p are stage 1's own).
     compile=True: torch.compile the per-step work of both stages (see MAR.sample_tokens, gpt_generate).
     """
     if gpt is None and mar is None:
@@ -73,9 +74,8 @@ def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
     t_all = time.perf_counter()
     if gpt is not None:
         with _Timer(device, timings, "stage1"):
-            codes, n = gpt_generate(gpt, labels, cfg_scale=cfg if gpt_cfg is None else gpt_cfg,
-                                    temperature=gpt_temperature, top_k=top_k, top_p=top_p, generator=gen,
-                                    compile=compile)
+            codes, n = gpt_generate(gpt, labels, cfg=cfg, temperature=gpt_temperature, top_k=top_k,
+                                    top_p=top_p, generator=gen, compile=compile)
         nfe.update(n)
     if mar is not None:
         use_codes = codes if getattr(mar, "fusion", None) is not None else None
@@ -89,7 +89,7 @@ def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
         if mar is not None:
             images = kl.decode(latents)
         else:
-            h = vq.cfg.image_size // vq.cfg.stride
+            h = vq.config.image_size // vq.config.stride
             images = vq.decode_codes(codes.view(codes.shape[0], h, h))
     timings["total"] = time.perf_counter() - t_all
     return SampleResult(to_uint8(images), codes, latents, timings, nfe)

@@ -109,7 +109,7 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 # --------------------------------------------------------------------------- losses per stage
 
 
-def stage_loss(stage: str, model, batch: dict, cfg: TrainConfig):
+def stage_loss(stage: str, model, batch: dict, config: TrainConfig):
     """(loss, scalars) for one batch; every stage is a plain function of (model, batch)."""
     if stage == "kl":
         x = batch["images"]
@@ -118,7 +118,7 @@ def stage_loss(stage: str, model, batch: dict, cfg: TrainConfig):
         # (L1 only: the perceptual and GAN terms need downloaded networks)
         rec = (recon.float() - x).abs().mean()
         kl = post.kl().float().mean() / x[0].numel()
-        return rec + cfg.kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
+        return rec + config.kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
     if stage == "vq":
         x = batch["images"]
         recon, losses = model(x)
@@ -148,13 +148,13 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+def lr_at(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    t = (step - config.warmup_steps) / max(1, config.train_steps - config.warmup_steps)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 class EMA:
@@ -195,7 +195,7 @@ def _autocast(device: torch.device, precision: str, stage: str = ""):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None = None, init_from=None):
+def train(config: TrainConfig, source, out, device=None, extra_batch: dict | None = None, init_from=None):
     """Train one stage into folder `out`, resuming from its last checkpoint; returns `out`.
 
     source: ImageSource (kl, vq) or TokenSource (gpt, mar); extra_batch: constants added to
@@ -203,30 +203,30 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
     stage whose weights start this one (a fresh run only; modules it lacks, e.g. a fusion
     added to a MAR trunk, keep their init; any other key or shape difference is an error).
     """
-    validate(cfg)
+    validate(config)
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, local = init_distributed(device)
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} ranks")
-    model, model_cfg, ema, opt = _build(cfg, device)
-    start, skipped, ema = _restore(cfg, out, model, ema, opt, device, init_from)
+    if config.batch_size % world:
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} ranks")
+    model, model_config, ema, opt = _build(config, device)
+    start, skipped, ema = _restore(config, out, model, ema, opt, device, init_from)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         clean_stale(out)
-        atomic_write_text(out / "config.json", json.dumps(run_config_json(cfg, model_cfg), indent=1))
+        atomic_write_text(out / "config.json", json.dumps(run_config_json(config, model_config), indent=1))
     ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[local] if device.type == "cuda" else None)
-    log = _Log(cfg, out, rank, start)
-    local_b = cfg.batch_size // world
+    log = _Log(config, out, rank, start)
+    local_b = config.batch_size // world
     saved, in_a_row = start, 0          # step of the newest checkpoint; skipped batches in a row
 
     def checkpoint(at: int):
         if rank == 0 and at > saved:
-            save_checkpoint(out, at, model, ema.shadow, opt, cfg.keep_checkpoints, {"skipped": skipped})
+            save_checkpoint(out, at, model, ema.shadow, opt, config.keep_checkpoints, {"skipped": skipped})
         if world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint it might need on resume
         return at
@@ -234,31 +234,31 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
     model.train()
     try:
         with _stop_on_signals():
-            for step in range(start, cfg.steps):
-                idx, flip = batch_indices(step, len(source), cfg.batch_size, cfg.seed)
+            for step in range(start, config.train_steps):
+                idx, flip = batch_indices(step, len(source), config.batch_size, config.seed)
                 sl = slice(rank * local_b, (rank + 1) * local_b)
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                          for k, v in {**source.get(idx[sl], flip[sl]), **(extra_batch or {})}.items()}
                 # Every step's randomness (masks, orders, noise, dropout) is a function of (seed, rank,
                 # step): a run resumed from any checkpoint repeats the uninterrupted one exactly.
-                torch.manual_seed(step_seed(cfg.seed, rank, step))
+                torch.manual_seed(step_seed(config.seed, rank, step))
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step, cfg)
-                with _autocast(device, cfg.precision, cfg.stage):
-                    loss, scalars = stage_loss(cfg.stage, ddp, batch, cfg)
+                    g["lr"] = lr_at(step, config)
+                with _autocast(device, config.precision, config.stage):
+                    loss, scalars = stage_loss(config.stage, ddp, batch, config)
                 loss_ok = bool(torch.isfinite(loss.detach()))
                 bad, stop_now = _agree(not loss_ok, world, device)
                 opt.zero_grad(set_to_none=True)
                 gnorm = None
                 if not bad:
                     loss.backward()
-                    if cfg.grad_clip > 0:
-                        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    if config.grad_clip > 0:
+                        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                         bad = not bool(torch.isfinite(gnorm))   # grads are all-reduced: same on every rank
                 if bad:
                     what = (f"loss {loss.item()}" if not loss_ok else
                             "loss on another rank" if gnorm is None else f"grad norm {float(gnorm)}")
-                    saved = _skip_or_stop(cfg, out, step, what, in_a_row, saved, skipped, checkpoint, rank)
+                    saved = _skip_or_stop(config, out, step, what, in_a_row, saved, skipped, checkpoint, rank)
                     in_a_row += 1
                     opt.zero_grad(set_to_none=True)
                 else:
@@ -267,44 +267,44 @@ def train(cfg: TrainConfig, source, out, device=None, extra_batch: dict | None =
                     in_a_row = 0
                 done = step + 1
                 log.step(done, loss, opt, gnorm, scalars, len(skipped))
-                if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                if done % config.ckpt_every == 0 or done == config.train_steps:
                     saved = checkpoint(done)
                 if stop_now is None:
                     stop_now = _stop.is_set()
-                if stop_now and done < cfg.steps:
+                if stop_now and done < config.train_steps:
                     saved = checkpoint(done)
                     if rank == 0:
                         print(f"train: stop requested (SIGTERM): checkpoint {out / f'step_{saved:07d}'} "
                               f"written; rerun to resume", file=sys.stderr, flush=True)
                     raise Preempted(saved, out / f"step_{saved:07d}")
-            stopped = bool(stop_now) if cfg.steps > start else _stop.is_set()  # during the last step: finish, then exit
+            stopped = bool(stop_now) if config.train_steps > start else _stop.is_set()  # during the last step: finish, then exit
     finally:
         log.close()
     if rank == 0:
-        if cfg.stage == "kl":
-            _store_latent_scale(out, cfg, model_cfg, ema, source, device)
-        atomic_write_text(out / "DONE", json.dumps({"steps": cfg.steps, "skipped_steps": skipped}))
+        if config.stage == "kl":
+            _store_latent_scale(out, config, model_config, ema, source, device)
+        atomic_write_text(out / "DONE", json.dumps({"train_steps": config.train_steps, "skipped_steps": skipped}))
     if stopped:
-        raise Preempted(cfg.steps, out / f"step_{cfg.steps:07d}")
+        raise Preempted(config.train_steps, out / f"step_{config.train_steps:07d}")
     return out
 
 
-def _build(cfg: TrainConfig, device):
+def _build(config: TrainConfig, device):
     """Model (same init on every rank), its config, EMA and AdamW."""
-    model_cfg = make_config(cfg.preset, **dict(cfg.overrides))
-    if cfg.grad_checkpointing and hasattr(model_cfg, "grad_checkpointing"):
-        model_cfg = dataclasses.replace(model_cfg, grad_checkpointing=True)
-    torch.manual_seed(cfg.seed)
-    model = d2c.model_class(cfg.stage)(model_cfg).to(device)
-    if cfg.stage in CONV_STAGES:
+    model_config = make_config(config.preset, **dict(config.overrides))
+    if config.grad_checkpointing and hasattr(model_config, "grad_checkpointing"):
+        model_config = dataclasses.replace(model_config, grad_checkpointing=True)
+    torch.manual_seed(config.seed)
+    model = d2c.model_class(config.stage)(model_config).to(device)
+    if config.stage in CONV_STAGES:
         model = model.to(memory_format=torch.channels_last)   # ~1.2x faster convs on CPU (measured)
-    ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+    ema = EMA(model, config.ema_decay)
+    opt = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas),
                             fused=device.type == "cuda")
-    return model, model_cfg, ema, opt
+    return model, model_config, ema, opt
 
 
-def _restore(cfg: TrainConfig, out: Path, model, ema, opt, device, init_from):
+def _restore(config: TrainConfig, out: Path, model, ema, opt, device, init_from):
     """(first step, skipped steps, EMA): from the run's newest checkpoint, else from `init_from`'s
     weights (missing fusion modules keep their init), else a fresh start."""
     if out.exists() and checkpoint_dirs(out):
@@ -317,7 +317,7 @@ def _restore(cfg: TrainConfig, out: Path, model, ema, opt, device, init_from):
         if any(not k.startswith("fusion.") for k in missing) or set(sd) - set(model.state_dict()):
             load_into(model, sd, source=str(init_from))     # raises, naming the keys
         load_into(model, sd, strict=False, source=str(init_from))
-        ema = EMA(model, cfg.ema_decay)
+        ema = EMA(model, config.ema_decay)
     return 0, [], ema
 
 
@@ -331,14 +331,14 @@ def _agree(bad: bool, world: int, device):
     return bool(flags[0]), bool(flags[1])
 
 
-def _skip_or_stop(cfg, out, step, what, in_a_row, saved, skipped, checkpoint, rank) -> int:
+def _skip_or_stop(config, out, step, what, in_a_row, saved, skipped, checkpoint, rank) -> int:
     """A non-finite step: raise NonFiniteLoss after checkpointing the last good state, or (skip
     mode, under the limit) record the skipped step and go on; returns the newest saved step."""
-    if cfg.on_nonfinite == "stop" or in_a_row + 1 > cfg.max_consecutive_skips:
+    if config.on_nonfinite == "stop" or in_a_row + 1 > config.max_consecutive_skips:
         # the bad update was never applied: the weights are the state after `step` steps
         saved = checkpoint(step) if step > saved else saved
-        why = ("" if cfg.on_nonfinite == "stop" else
-               f" ({in_a_row + 1} batches in a row, max_consecutive_skips={cfg.max_consecutive_skips})")
+        why = ("" if config.on_nonfinite == "stop" else
+               f" ({in_a_row + 1} batches in a row, max_consecutive_skips={config.max_consecutive_skips})")
         kept = (f"last good state saved as {out / f'step_{saved:07d}'}" if saved > 0
                 else "no step completed, nothing saved")
         raise NonFiniteLoss(f"non-finite {what} at step {step}{why} in {out}; {kept}; "
@@ -353,34 +353,34 @@ def _skip_or_stop(cfg, out, step, what, in_a_row, saved, skipped, checkpoint, ra
 class _Log:
     """Rank 0's TensorBoard scalars (every log_every steps) and progress bar."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, rank: int, start: int):
-        self.cfg, self.rank = cfg, rank
+    def __init__(self, config: TrainConfig, out: Path, rank: int, start: int):
+        self.config, self.rank = config, rank
         self.writer = self.bar = None
-        if cfg.tensorboard and rank == 0:
+        if config.tensorboard and rank == 0:
             d2c.require("tensorboard", "TrainConfig.tensorboard=True (logs in <run>/tb)")
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(out / "tb"))
-        if cfg.progress and rank == 0:
+        if config.progress and rank == 0:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage} ({cfg.preset})",
+            self.bar = tqdm(total=config.train_steps, initial=start, desc=f"train {config.stage} ({config.preset})",
                             dynamic_ncols=True)
         self.t0, self.last = time.perf_counter(), start
 
     def step(self, done: int, loss, opt, gnorm, scalars: dict, n_skipped: int):
-        cfg, w = self.cfg, self.writer
-        if self.rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+        config, w = self.config, self.writer
+        if self.rank == 0 and (done % config.log_every == 0 or done == config.train_steps):
             lv = loss.item()
             rate = (done - self.last) / max(time.perf_counter() - self.t0, 1e-9)
             self.t0, self.last = time.perf_counter(), done
             if w is not None:
-                w.add_scalar(f"{cfg.stage}/loss", lv, done)
-                w.add_scalar(f"{cfg.stage}/lr", opt.param_groups[0]["lr"], done)
-                w.add_scalar(f"{cfg.stage}/steps_per_s", rate, done)
-                w.add_scalar(f"{cfg.stage}/skipped_steps", n_skipped, done)
+                w.add_scalar(f"{config.stage}/loss", lv, done)
+                w.add_scalar(f"{config.stage}/lr", opt.param_groups[0]["lr"], done)
+                w.add_scalar(f"{config.stage}/steps_per_s", rate, done)
+                w.add_scalar(f"{config.stage}/skipped_steps", n_skipped, done)
                 if gnorm is not None:
-                    w.add_scalar(f"{cfg.stage}/grad_norm", float(gnorm), done)
+                    w.add_scalar(f"{config.stage}/grad_norm", float(gnorm), done)
                 for k, v in scalars.items():
-                    w.add_scalar(f"{cfg.stage}/{k}", v, done)
+                    w.add_scalar(f"{config.stage}/{k}", v, done)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{lv:.4f}", it_s=f"{rate:.2f}")
         if self.bar is not None:
@@ -394,17 +394,17 @@ class _Log:
 
 
 @torch.no_grad()
-def _store_latent_scale(out: Path, cfg: TrainConfig, model_cfg, ema: EMA, source, device):
+def _store_latent_scale(out: Path, config: TrainConfig, model_config, ema: EMA, source, device):
     """Fit the KL latent scale so that scaled posterior samples have unit std (the rule behind
     LDM's / MAR's 0.2325 for KL-16) and record it in the run's config.json."""
-    kl = d2c.model_class("kl")(dataclasses.replace(model_cfg, scale=1.0)).to(device).eval()
+    kl = d2c.model_class("kl")(dataclasses.replace(model_config, scale=1.0)).to(device).eval()
     kl.load_state_dict(ema.shadow)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(config.seed)
     zs = []
-    for i in range(cfg.scale_batches):
-        idx, flip = batch_indices(i, len(source), min(cfg.batch_size, len(source)), cfg.seed + 1)
+    for i in range(config.scale_batches):
+        idx, flip = batch_indices(i, len(source), min(config.batch_size, len(source)), config.seed + 1)
         x = source.get(idx, flip)["images"].to(device)
         zs.append(kl.encode(x, generator=g).float().flatten())
     scale = float(1.0 / torch.cat(zs).std())
     atomic_write_text(out / "config.json",
-                      json.dumps(run_config_json(cfg, dataclasses.replace(model_cfg, scale=scale)), indent=1))
+                      json.dumps(run_config_json(config, dataclasses.replace(model_config, scale=scale)), indent=1))

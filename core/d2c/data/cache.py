@@ -62,8 +62,8 @@ def tokenizer_fingerprint(model) -> Optional[str]:
         return None
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
-    cfg = getattr(model, "cfg", None)
-    h.update(json.dumps(cfg, default=json_default, sort_keys=True).encode())
+    config = model.config
+    h.update(json.dumps(config, default=json_default, sort_keys=True).encode())
     sd = model.state_dict()
     for name in sorted(sd):
         if name.split(".")[-1] in _IGNORED_STATE:
@@ -255,7 +255,7 @@ def _write(dataset, tmp: Path, key, parts, kl, vq, batch_size, dev, progress, nu
         if vq is not None:
             c = torch.stack([vq.encode(v).cpu() for v in views], dim=1)
             if codes is None:
-                cdt = np.int16 if vq.cfg.codebook_size <= np.iinfo(np.int16).max else np.int32
+                cdt = np.int16 if vq.config.codebook_size <= np.iinfo(np.int16).max else np.int32
                 codes = np.lib.format.open_memmap(tmp / "codes.npy", mode="w+", dtype=cdt,
                                                   shape=(n,) + tuple(c.shape[1:]))
             codes[rows] = c.numpy()
@@ -291,8 +291,8 @@ def _write(dataset, tmp: Path, key, parts, kl, vq, batch_size, dev, progress, nu
         "num_classes": len(classes) if classes else int(valid.max()) + 1,
         "classes": list(classes) if classes is not None else None,
         "image_size": image_size,
-        "kl_scale": float(kl.cfg.scale) if kl is not None else None,
-        "codebook_size": int(vq.cfg.codebook_size) if vq is not None else None,
+        "kl_scale": float(kl.config.scale) if kl is not None else None,
+        "codebook_size": int(vq.config.codebook_size) if vq is not None else None,
         "flips": 2,
         "arrays": arrays,
     }

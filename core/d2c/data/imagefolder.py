@@ -196,33 +196,33 @@ class DataConfig:
     NAMES = ("shapes", "imagefolder")
 
 
-def validate_data_config(cfg: DataConfig) -> None:
-    if cfg.name not in DataConfig.NAMES:
-        raise DataError(f"data.name={cfg.name!r}; allowed: {', '.join(DataConfig.NAMES)}")
-    if cfg.on_bad not in ON_BAD:
-        raise DataError(f"data.on_bad={cfg.on_bad!r}; allowed: {', '.join(ON_BAD)}")
-    if cfg.image_size is not None and cfg.image_size < 1:
-        raise DataError(f"data.image_size={cfg.image_size}; allowed: integers >= 1")
-    if cfg.name == "shapes" and cfg.num_images < 1:
-        raise DataError(f"data.num_images={cfg.num_images}; allowed: integers >= 1")
-    if cfg.name == "imagefolder" and not cfg.root:
+def validate_data_config(config: DataConfig) -> None:
+    if config.name not in DataConfig.NAMES:
+        raise DataError(f"data.name={config.name!r}; allowed: {', '.join(DataConfig.NAMES)}")
+    if config.on_bad not in ON_BAD:
+        raise DataError(f"data.on_bad={config.on_bad!r}; allowed: {', '.join(ON_BAD)}")
+    if config.image_size is not None and config.image_size < 1:
+        raise DataError(f"data.image_size={config.image_size}; allowed: integers >= 1")
+    if config.name == "shapes" and config.num_images < 1:
+        raise DataError(f"data.num_images={config.num_images}; allowed: integers >= 1")
+    if config.name == "imagefolder" and not config.root:
         raise DataError("data.root is required for data.name=imagefolder (a folder of class subfolders)")
 
 
-def build_dataset(cfg: DataConfig | dict | None = None, **overrides):
+def build_dataset(config: DataConfig | dict | None = None, **overrides):
     """DataConfig (or a dict of its fields) -> ShapesDataset | ImageFolder."""
-    if cfg is None:
-        cfg = DataConfig()
-    elif isinstance(cfg, dict):
+    if config is None:
+        config = DataConfig()
+    elif isinstance(config, dict):
         names = {f.name for f in dataclasses.fields(DataConfig)}
-        bad = sorted(set(cfg) - names)
+        bad = sorted(set(config) - names)
         if bad:
             raise DataError(f"data: unknown field(s) {bad}; allowed: {', '.join(sorted(names))}")
-        cfg = DataConfig(**cfg)
+        config = DataConfig(**config)
     if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
-    validate_data_config(cfg)
-    if cfg.name == "shapes":
+        config = dataclasses.replace(config, **overrides)
+    validate_data_config(config)
+    if config.name == "shapes":
         from d2c.data.shapes import ShapesDataset
-        return ShapesDataset(n=cfg.num_images, seed=cfg.seed, size=cfg.image_size or 32)
-    return ImageFolder(cfg.root, image_size=cfg.image_size or 256, on_bad=cfg.on_bad)
+        return ShapesDataset(n=config.num_images, seed=config.seed, size=config.image_size or 32)
+    return ImageFolder(config.root, image_size=config.image_size or 256, on_bad=config.on_bad)

@@ -86,13 +86,13 @@ def _compiled_step():
     return _COMPILED
 
 
-def sample(dl, z, temperature, cfg, generator, num_steps, guided: bool, impl: str, progress: bool):
+def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, impl: str, progress: bool):
     """DiffLoss `dl`'s reverse chain through a fast path; returns the N sampled rows (the
     conditional ones when guided)."""
     device = z.device
     if impl == "graph" and device.type != "cuda":
         impl = "compiled"
-    diffusion = dl.gen_diffusion(num_steps)
+    diffusion = dl.gen_diffusion(diffusion_steps)
     dtype = accum_dtype(z.dtype)
     packed = packed_head(dl)
     backend = adaln_mlp.resolve_head_backend(device)

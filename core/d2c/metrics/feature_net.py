@@ -42,7 +42,7 @@ class FeatureNetConfig:
     num_classes: int = 10
     n_train: int = 6000
     data_seed: int = 1000              # training images: make_shapes(n_train, data_seed)
-    steps: int = 300
+    train_steps: int = 300
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
@@ -102,32 +102,32 @@ def _torch_threads(n: int):
         torch.set_num_threads(prev)
 
 
-def _train_feature_net(cfg: FeatureNetConfig, progress: bool = True) -> FeatureNet:
+def _train_feature_net(config: FeatureNetConfig, progress: bool = True) -> FeatureNet:
     from tqdm.auto import tqdm
 
     from d2c.data.shapes import make_shapes
 
-    x, y = make_shapes(cfg.n_train, seed=cfg.data_seed)
+    x, y = make_shapes(config.n_train, seed=config.data_seed)
     # One thread: convs this small barely scale, and 2 threads beside another busy process ran
     # 19x slower (800 vs 42 ms a step, measured on the 2-core CPU); one is never that bad.
     # fork_rng: leave the caller's global RNG alone.
     # inference_mode(False): callers such as class_accuracy may run under inference mode
     with _torch_threads(1), torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
-        torch.manual_seed(cfg.seed)
-        net = FeatureNet(cfg.widths, cfg.num_classes).to(memory_format=torch.channels_last)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.15)
+        torch.manual_seed(config.seed)
+        net = FeatureNet(config.widths, config.num_classes).to(memory_format=torch.channels_last)
+        gen = torch.Generator().manual_seed(config.seed)
+        opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.train_steps, pct_start=0.15)
         net.train()
         order, pos = torch.randperm(len(y), generator=gen), 0
-        bar = tqdm(range(cfg.steps), desc="feature net", disable=not progress, leave=False)
+        bar = tqdm(range(config.train_steps), desc="feature net", disable=not progress, leave=False)
         for _ in bar:
-            if pos + cfg.batch_size > len(y):
+            if pos + config.batch_size > len(y):
                 order, pos = torch.randperm(len(y), generator=gen), 0
-            idx = order[pos:pos + cfg.batch_size]
-            pos += cfg.batch_size
+            idx = order[pos:pos + config.batch_size]
+            pos += config.batch_size
             # channels_last: ~1.5x faster convs on CPU (measured)
-            xb = _blur_half(x[idx], cfg.blur_sigma, gen) if cfg.blur_sigma > 0 else x[idx]
+            xb = _blur_half(x[idx], config.blur_sigma, gen) if config.blur_sigma > 0 else x[idx]
             _, logits = net(xb.contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
@@ -158,25 +158,25 @@ def _blur_half(x_uint8, max_sigma: float, gen) -> torch.Tensor:
     return xp.reshape(n, c, h, w).round().clamp(0, 255).to(torch.uint8)
 
 
-def feature_net_path(cfg: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR) -> Path:
-    cfg = cfg or FeatureNetConfig()
-    return Path(cache_dir) / f"feature_net_{cfg.key()}.safetensors"
+def feature_net_path(config: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR) -> Path:
+    config = config or FeatureNetConfig()
+    return Path(cache_dir) / f"feature_net_{config.key()}.safetensors"
 
 
-def load_feature_net(cfg: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR,
+def load_feature_net(config: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR,
                      progress: bool = True) -> tuple[FeatureNet, Path]:
     """The embedded feature net: loaded from the cache when its recipe hash is there, else trained
     once (seconds on 2 cores) and saved atomically.  An unreadable cache file is retrained."""
     from d2c.checkpoint import save_safetensors
 
-    cfg = cfg or FeatureNetConfig()
-    path = feature_net_path(cfg, cache_dir)
+    config = config or FeatureNetConfig()
+    path = feature_net_path(config, cache_dir)
     if path.is_file():
         try:
             return _load_net_file(path, "retraining"), path
         except MetricsError as e:
             warnings.warn(str(e))
-    net = _train_feature_net(cfg, progress)
+    net = _train_feature_net(config, progress)
     save_safetensors(net, path)
     return net, path
 
@@ -193,14 +193,14 @@ def _load_net_file(path, fix: str = "pass a file written by d2c.metrics.load_fea
 
 @torch.inference_mode()
 def class_accuracy(images_uint8: torch.Tensor, labels, *, net: FeatureNet | None = None,
-                   cfg: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR,
+                   config: FeatureNetConfig | None = None, cache_dir=DEFAULT_CACHE_DIR,
                    device="cpu", batch_size: int = 500) -> float:
     """Fraction of images the embedded net classifies as their (conditioning) label."""
     images_uint8 = _check_images(images_uint8)
     labels = torch.as_tensor(labels).long().reshape(-1).cpu()
     if len(labels) != len(images_uint8):
         raise MetricsError(f"class_accuracy: {len(images_uint8)} images but {len(labels)} labels")
-    net = (net or load_feature_net(cfg, cache_dir)[0]).to(device).eval()
+    net = (net or load_feature_net(config, cache_dir)[0]).to(device).eval()
     with _torch_threads(1) if torch.device(device).type == "cpu" else contextlib.nullcontext():
         pred = torch.cat([net(b.to(device))[1].argmax(-1).cpu() for b in images_uint8.split(batch_size)])
     return float((pred == labels).float().mean())

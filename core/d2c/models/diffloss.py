@@ -120,19 +120,19 @@ class DiffLoss(nn.Module):
     """Diffusion loss and sampler for one token given its condition z."""
 
     def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
-                 num_sampling_steps=100, grad_checkpointing: bool = False, clip_x0: float | None = None):
+                 diffusion_steps=100, grad_checkpointing: bool = False, clip_x0: float | None = None):
         super().__init__()
         self.in_channels = target_channels
         self.clip_x0 = clip_x0
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth,
                                   grad_checkpointing=grad_checkpointing)   # 2C: [eps, v] (learned sigma)
-        self.num_sampling_steps = int(num_sampling_steps)
+        self.diffusion_steps = int(diffusion_steps)
         self.train_diffusion = create_diffusion("")                        # 1000 steps
         self._gen: dict[int, GaussianDiffusion] = {}
 
-    def gen_diffusion(self, num_steps: int | None = None) -> GaussianDiffusion:
-        """The respaced sampling diffusion (default `num_sampling_steps`), cached per step count."""
-        n = int(num_steps or self.num_sampling_steps)
+    def gen_diffusion(self, diffusion_steps: int | None = None) -> GaussianDiffusion:
+        """The respaced sampling diffusion (default `diffusion_steps`), cached per step count."""
+        n = int(diffusion_steps or self.diffusion_steps)
         if n not in self._gen:
             self._gen[n] = create_diffusion(str(n), self.train_diffusion.num_timesteps)
         return self._gen[n]
@@ -150,7 +150,7 @@ class DiffLoss(nn.Module):
     sample_impl = "eager"
 
     def sample(self, z, temperature: float = 1.0, cfg: float = 1.0, *, generator=None,
-               num_steps: int | None = None, guided: bool | None = None, progress: bool = False,
+               diffusion_steps: int | None = None, guided: bool | None = None, progress: bool = False,
                impl: str | None = None):
         """Sample tokens (N, C) for conditions z (N, D).
 
@@ -164,9 +164,9 @@ class DiffLoss(nn.Module):
         if impl not in head_sampling.IMPLS:
             raise ValueError(f"DiffLoss impl {impl!r}; allowed: {', '.join(head_sampling.IMPLS)}")
         if impl != "eager":
-            x = head_sampling.sample(self, z, temperature, cfg, generator, num_steps, guided, impl, progress)
+            x = head_sampling.sample(self, z, temperature, cfg, generator, diffusion_steps, guided, impl, progress)
             return torch.cat([x, x]) if guided else x
-        diffusion = self.gen_diffusion(num_steps)
+        diffusion = self.gen_diffusion(diffusion_steps)
         c_emb = self.net.cond_embed(z)                 # constant over the reverse steps
         n = z.shape[0] // 2 if guided else z.shape[0]
 

@@ -79,13 +79,13 @@ class Fusion(nn.Module):
     """The discrete-token embedding, and the two hooks MAR calls (identity unless a kind needs them)."""
     kind = "none"
 
-    def __init__(self, cfg: MARConfig):
+    def __init__(self, config: MARConfig):
         super().__init__()
-        fu = cfg.fusion
+        fu = config.fusion
         self.codebook_size = fu.codebook_size
         # +1 row: the null code used for CFG's unconditional branch and for label drop
         self.code_emb = nn.Embedding(fu.codebook_size + 1, fu.d_fuse)
-        self.code_pos = nn.Parameter(torch.zeros(1, cfg.seq_len, fu.d_fuse))
+        self.code_pos = nn.Parameter(torch.zeros(1, config.seq_len, fu.d_fuse))
         nn.init.normal_(self.code_emb.weight, std=0.02)
         nn.init.normal_(self.code_pos, std=0.02)
         self.norm_disc = nn.LayerNorm(fu.d_fuse, eps=1e-6)
@@ -112,12 +112,12 @@ class Fusion(nn.Module):
 class CrossAttnFusion(Fusion):
     kind = "cross_attn"
 
-    def __init__(self, cfg: MARConfig):
-        super().__init__(cfg)
-        fu = cfg.fusion
-        layers = range(cfg.decoder_depth) if fu.layers is None else fu.layers
+    def __init__(self, config: MARConfig):
+        super().__init__(config)
+        fu = config.fusion
+        layers = range(config.decoder_depth) if fu.layers is None else fu.layers
         self.layer_ids = [int(i) for i in layers]
-        self.cross = nn.ModuleDict({str(i): CrossAttnLayer(cfg.decoder_embed_dim, fu.d_fuse, fu.num_heads)
+        self.cross = nn.ModuleDict({str(i): CrossAttnLayer(config.decoder_embed_dim, fu.d_fuse, fu.num_heads)
                                     for i in self.layer_ids})
 
     def after_decoder_block(self, i: int, x, disc):
@@ -128,14 +128,14 @@ class CrossAttnFusion(Fusion):
 class QFormerFusion(Fusion):
     kind = "qformer"
 
-    def __init__(self, cfg: MARConfig):
-        super().__init__(cfg)
-        fu = cfg.fusion
+    def __init__(self, config: MARConfig):
+        super().__init__(config)
+        fu = config.fusion
         self.queries = nn.Parameter(torch.zeros(1, fu.num_queries, fu.d_fuse))
         nn.init.normal_(self.queries, std=0.02)
         self.blocks = nn.ModuleList([QFormerBlock(fu.d_fuse, fu.num_heads, fu.mlp_ratio) for _ in range(fu.depth)])
         self.norm = nn.LayerNorm(fu.d_fuse, eps=1e-6)
-        self.out = nn.Linear(fu.d_fuse, cfg.encoder_embed_dim)
+        self.out = nn.Linear(fu.d_fuse, config.encoder_embed_dim)
         nn.init.zeros_(self.out.weight)  # start as plain MAR, like the cross-attn sublayers
         nn.init.zeros_(self.out.bias)
 
@@ -151,11 +151,11 @@ class QFormerFusion(Fusion):
         return torch.cat([buf[:, :q.shape[1]] + q, buf[:, q.shape[1]:]], dim=1)
 
 
-def build_fusion(cfg: MARConfig) -> Fusion | None:
-    """The fusion module of `cfg.fusion.kind`; None for "none" (no parameters: MAR loads strict)."""
+def build_fusion(config: MARConfig) -> Fusion | None:
+    """The fusion module of `config.fusion.kind`; None for "none" (no parameters: MAR loads strict)."""
     kinds = {"cross_attn": CrossAttnFusion, "qformer": QFormerFusion}
-    if cfg.fusion.kind == "none":
+    if config.fusion.kind == "none":
         return None
-    if cfg.fusion.kind not in kinds:
-        raise ValueError(f"fusion.kind={cfg.fusion.kind!r}; allowed: none, {', '.join(kinds)}")
-    return kinds[cfg.fusion.kind](cfg)
+    if config.fusion.kind not in kinds:
+        raise ValueError(f"fusion.kind={config.fusion.kind!r}; allowed: none, {', '.join(kinds)}")
+    return kinds[config.fusion.kind](config)

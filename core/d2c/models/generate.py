@@ -37,18 +37,18 @@ def _gpt_pick(logits, temperature, top_k, top_p, generator):
 
 
 @torch.inference_mode()
-def gpt_generate(model, labels, *, cfg_scale: float = 1.0, temperature: float = 1.0,
+def gpt_generate(model, labels, *, cfg: float = 1.0, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
                  cfg_schedule: str = "constant", compile: bool = False):
     """Sample codes (B, block_size) in raster order for class `labels` (B,) with stage-1 GPT.
 
     CFG runs one [cond; uncond] batch (uncond = null class) and mixes u + s * (c - u); at
-    cfg_scale == 1 the uncond half is skipped.  cfg_schedule "linear" ramps s from 1 towards
-    cfg_scale with the fraction of codes generated after the step (as MAR's linear schedule).
+    cfg == 1 the uncond half is skipped.  cfg_schedule "linear" ramps s from 1 towards
+    cfg with the fraction of codes generated after the step (as MAR's linear schedule).
     All randomness comes from `generator` (on the model's device).  Returns (codes, nfe).
     compile=True runs the decode step under torch.compile (dynamic shapes: one compile).
     """
-    cfg = model.cfg
+    config = model.config
     device = next(model.parameters()).device
     if cfg_schedule not in GPT_CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule={cfg_schedule!r}; allowed: {', '.join(GPT_CFG_SCHEDULES)}")
@@ -58,17 +58,17 @@ def gpt_generate(model, labels, *, cfg_scale: float = 1.0, temperature: float = 
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device}, the model on {device}; they must match")
     labels = torch.as_tensor(labels, device=device).reshape(-1)
-    check_labels(labels, cfg.num_classes)
+    check_labels(labels, config.num_classes)
     labels = labels.long()
-    b, n = labels.shape[0], cfg.block_size
-    guided = cfg_scale != 1.0
-    batch = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if guided else labels
+    b, n = labels.shape[0], config.block_size
+    guided = cfg != 1.0
+    batch = torch.cat([labels, torch.full_like(labels, config.num_classes)]) if guided else labels
 
     was_training = model.training
     model.eval()
     # the last code is never fed back; compiled: one spare slot, so the cache slice of the last
     # step is never the whole buffer (dynamo would specialise that case and recompile)
-    model.setup_cache(batch.shape[0], cfg.cls_token_num + n - 1 + int(compile))
+    model.setup_cache(batch.shape[0], config.cls_token_num + n - 1 + int(compile))
     codes = torch.empty(b, n, dtype=torch.long, device=device)
     decode = compiled(model, "decode") if compile else model.decode
     try:
@@ -80,7 +80,7 @@ def gpt_generate(model, labels, *, cfg_scale: float = 1.0, temperature: float = 
                 logits = decode(torch.cat([prev, prev]) if guided else prev, t)
             if guided:
                 cond, uncond = logits.chunk(2)
-                s = cfg_scale if cfg_schedule == "constant" else 1 + (cfg_scale - 1) * (t + 1) / n
+                s = cfg if cfg_schedule == "constant" else 1 + (cfg - 1) * (t + 1) / n
                 logits = uncond + s * (cond - uncond)
             codes[:, t] = _gpt_pick(logits, temperature, top_k, top_p, generator)
     finally:

@@ -6,7 +6,7 @@ Parameter names and shapes follow FoundationVision/LlamaGen `autoregressive/mode
 so its public `c2i_*.pt` files ({"model": sd}) load with strict=True; nothing else
 (rope table, KV caches) lives in the state dict.
 
-    model = Transformer(cfg)
+    model = Transformer(config)
     logits = model(codes, labels)            # (B, T, vocab), teacher forced, fp32
     loss = model.loss(codes, labels)         # CE in fp32
 Generation with the KV cache is `d2c.models.generate.gpt_generate` (LlamaGen's generate.py).
@@ -88,16 +88,16 @@ class RMSNorm(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); hidden = 2/3 of 4*dim rounded up to multiple_of."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        hidden = int(2 * 4 * cfg.dim / 3)
-        if cfg.ffn_dim_multiplier is not None:
-            hidden = int(cfg.ffn_dim_multiplier * hidden)
-        hidden = find_multiple(hidden, cfg.multiple_of)
-        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
-        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
-        self.ffn_dropout = nn.Dropout(cfg.ffn_dropout_p)
+        hidden = int(2 * 4 * config.dim / 3)
+        if config.ffn_dim_multiplier is not None:
+            hidden = int(config.ffn_dim_multiplier * hidden)
+        hidden = find_multiple(hidden, config.multiple_of)
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(config.ffn_dropout_p)
 
     def forward(self, x):
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
@@ -126,15 +126,15 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.n_kv_head = cfg.n_kv_head or cfg.n_head
-        self.head_dim = cfg.dim // cfg.n_head
-        self.wqkv = nn.Linear(cfg.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.attn_dropout_p = cfg.attn_dropout_p
-        self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.head_dim = config.dim // config.n_head
+        self.wqkv = nn.Linear(config.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.attn_dropout_p = config.attn_dropout_p
+        self.resid_dropout = nn.Dropout(config.resid_dropout_p)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, freqs, start_pos: int = 0):
@@ -155,12 +155,12 @@ class Attention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(cfg)
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x, freqs, start_pos: int = 0):
         x = x + self.attention(self.attention_norm(x), freqs, start_pos)
@@ -185,31 +185,31 @@ class LabelEmbedder(nn.Module):
 
 # ----------------------------------------------------------------------------- model
 class Transformer(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.cfg = cfg
-        self.grid_size = math.isqrt(cfg.block_size)
-        if self.grid_size ** 2 != cfg.block_size:
-            raise ValueError(f"block_size={cfg.block_size} must be a square (2D RoPE over a grid)")
-        if cfg.cls_token_num != 1:
-            raise ValueError(f"cls_token_num={cfg.cls_token_num}; class-conditional GPT uses 1")
-        if cfg.dim % cfg.n_head or cfg.n_head % (cfg.n_kv_head or cfg.n_head):
-            raise ValueError(f"dim={cfg.dim}, n_head={cfg.n_head}, n_kv_head={cfg.n_kv_head} do not divide")
-        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.config = config
+        self.grid_size = math.isqrt(config.block_size)
+        if self.grid_size ** 2 != config.block_size:
+            raise ValueError(f"block_size={config.block_size} must be a square (2D RoPE over a grid)")
+        if config.cls_token_num != 1:
+            raise ValueError(f"cls_token_num={config.cls_token_num}; class-conditional GPT uses 1")
+        if config.dim % config.n_head or config.n_head % (config.n_kv_head or config.n_head):
+            raise ValueError(f"dim={config.dim}, n_head={config.n_head}, n_kv_head={config.n_kv_head} do not divide")
+        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         # plain attribute, not a buffer: stays fp32 under model.half() and out of the state dict
-        self.freqs_cis = rope_2d_table(self.grid_size, cfg.dim // cfg.n_head, cfg.rope_base,
-                                       cfg.cls_token_num)
+        self.freqs_cis = rope_2d_table(self.grid_size, config.dim // config.n_head, config.rope_base,
+                                       config.cls_token_num)
         self.apply(self._init_weights)
         nn.init.zeros_(self.output.weight)  # zero head: initial loss is exactly ln(vocab)
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=self.cfg.initializer_range)
+            nn.init.normal_(m.weight, mean=0.0, std=self.config.initializer_range)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
@@ -230,10 +230,10 @@ class Transformer(nn.Module):
         """Teacher forcing: codes (B, T<=block_size), labels (B,) -> logits (B, T, vocab), where
         logits[:, t] predicts codes[:, t] from the class and codes[:, :t]."""
         b, t = codes.shape
-        if not 1 <= t <= self.cfg.block_size:
-            raise ValueError(f"codes length {t}; allowed 1..block_size={self.cfg.block_size}")
-        check_labels(labels, self.cfg.num_classes)
-        check_ids(codes, self.cfg.vocab_size - 1, "codes", f" (vocab_size={self.cfg.vocab_size})")
+        if not 1 <= t <= self.config.block_size:
+            raise ValueError(f"codes length {t}; allowed 1..block_size={self.config.block_size}")
+        check_labels(labels, self.config.num_classes)
+        check_ids(codes, self.config.vocab_size - 1, "codes", f" (vocab_size={self.config.vocab_size})")
         cls = self.cls_embedding(labels, drop=self.training)
         h = torch.cat([cls, self.tok_embeddings(codes[:, :-1])], dim=1)
         return self._trunk(h)
@@ -244,7 +244,7 @@ class Transformer(nn.Module):
 
     # --- incremental decoding (KV cache) -------------------------------------------------
     def setup_cache(self, batch: int, max_len: int | None = None) -> None:
-        max_len = max_len or self.cfg.cls_token_num + self.cfg.block_size
+        max_len = max_len or self.config.cls_token_num + self.config.block_size
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, max_len)
 
@@ -254,7 +254,7 @@ class Transformer(nn.Module):
 
     def prefill(self, labels: torch.Tensor) -> torch.Tensor:
         """Class token (null class allowed) at position 0 into the cache -> logits of code 0 (B, vocab)."""
-        check_labels(labels, self.cfg.num_classes, allow_null=True)
+        check_labels(labels, self.config.num_classes, allow_null=True)
         return self._trunk(self.cls_embedding(labels, drop=False), 0)[:, -1]
 
     def decode(self, codes: torch.Tensor, pos: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 (Li et al. 2024, arXiv 2406.11838), plus the D2C fusion hooks (DESIGN.md sections 3-4).
 
 Parameter names are those of LTH14/mar `models/mar.py` (ViT blocks with timm's names), so a
-public MAR checkpoint loads with strict=True when `cfg.fusion.kind == "none"`.
+public MAR checkpoint loads with strict=True when `config.fusion.kind == "none"`.
 
 Training step (`forward`):
   latents (B, C, h, w) -> tokens (B, L, C); one mask ratio r ~ TruncNormal(1, 0.25, [r_min, 1])
@@ -39,25 +39,25 @@ def _std_normal_cdf(x: float) -> float:
 
 # ------------------------------------------------------------------ MAR
 class MAR(nn.Module):
-    def __init__(self, cfg: MARConfig):
+    def __init__(self, config: MARConfig):
         super().__init__()
-        validate(cfg)
-        self.cfg = cfg
-        E, D = cfg.encoder_embed_dim, cfg.decoder_embed_dim
-        self.vae_embed_dim = cfg.vae_embed_dim
-        self.patch_size = cfg.patch_size
-        self.seq_h = self.seq_w = cfg.seq_h
-        self.seq_len = cfg.seq_len
-        self.token_embed_dim = cfg.token_embed_dim
-        self.buffer_size = cfg.buffer_size
-        self.num_classes = cfg.class_num
-        self.label_drop_prob = cfg.label_drop_prob
-        self.mask_ratio_min = cfg.mask_ratio_min
-        self.diffusion_batch_mul = cfg.diffusion_batch_mul
-        self.grad_checkpointing = cfg.grad_checkpointing
+        validate(config)
+        self.config = config
+        E, D = config.encoder_embed_dim, config.decoder_embed_dim
+        self.vae_embed_dim = config.vae_embed_dim
+        self.patch_size = config.patch_size
+        self.seq_h = self.seq_w = config.seq_h
+        self.seq_len = config.seq_len
+        self.token_embed_dim = config.token_embed_dim
+        self.buffer_size = config.buffer_size
+        self.num_classes = config.class_num
+        self.label_drop_prob = config.label_drop_prob
+        self.mask_ratio_min = config.mask_ratio_min
+        self.diffusion_batch_mul = config.diffusion_batch_mul
+        self.grad_checkpointing = config.grad_checkpointing
 
         # class embedding; `fake_latent` is the null class for CFG
-        self.class_emb = nn.Embedding(cfg.class_num, E)
+        self.class_emb = nn.Embedding(config.class_num, E)
         self.fake_latent = nn.Parameter(torch.zeros(1, E))
 
         # encoder
@@ -66,8 +66,8 @@ class MAR(nn.Module):
         self.z_proj_ln = nn.LayerNorm(E, eps=1e-6)
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, E))
         self.encoder_blocks = nn.ModuleList([
-            Block(E, cfg.encoder_num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout)
-            for _ in range(cfg.encoder_depth)])
+            Block(E, config.encoder_num_heads, config.mlp_ratio, config.attn_dropout, config.proj_dropout)
+            for _ in range(config.encoder_depth)])
         self.encoder_norm = nn.LayerNorm(E, eps=1e-6)
 
         # decoder
@@ -75,17 +75,17 @@ class MAR(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, D))
         self.decoder_blocks = nn.ModuleList([
-            Block(D, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout)
-            for _ in range(cfg.decoder_depth)])
+            Block(D, config.decoder_num_heads, config.mlp_ratio, config.attn_dropout, config.proj_dropout)
+            for _ in range(config.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, D))
         self.initialize_weights()
 
         # diffusion head (own init) and fusion (own zero-init): built after MAR's init
-        self.diffloss = DiffLoss(self.token_embed_dim, D, cfg.diffloss_d, cfg.diffloss_w,
-                                 cfg.num_sampling_steps, grad_checkpointing=cfg.grad_checkpointing,
-                                 clip_x0=cfg.clip_x0)
-        self.fusion = build_fusion(cfg)                # None for kind "none": plain MAR
+        self.diffloss = DiffLoss(self.token_embed_dim, D, config.diffloss_d, config.diffloss_w,
+                                 config.diffusion_steps, grad_checkpointing=config.grad_checkpointing,
+                                 clip_x0=config.clip_x0)
+        self.fusion = build_fusion(config)                # None for kind "none": plain MAR
 
     def initialize_weights(self):
         for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
@@ -136,9 +136,9 @@ class MAR(nn.Module):
 
     # -------------------------------------------------------------- checks
     def _check_codes(self, codes, bsz: int):
-        cs = self.cfg.fusion.codebook_size
+        cs = self.config.fusion.codebook_size
         if codes is None:
-            raise ValueError(f"this model has fusion={self.cfg.fusion.kind!r}: pass codes (B, {self.seq_len}) "
+            raise ValueError(f"this model has fusion={self.config.fusion.kind!r}: pass codes (B, {self.seq_len}) "
                              f"with values in [0, {cs - 1}]")
         codes = codes.reshape(codes.shape[0], -1) if codes.dim() > 1 else codes
         if codes.dim() != 2 or tuple(codes.shape) != (bsz, self.seq_len):
@@ -267,7 +267,7 @@ class MAR(nn.Module):
         if codes is not None:
             codes = torch.as_tensor(codes, device=device).reshape(b, -1)
         guided = cfg != 1.0
-        n_diff = int(diffusion_steps or self.diffloss.num_sampling_steps)
+        diffusion_steps = int(diffusion_steps or self.diffloss.diffusion_steps)
 
         tokens = torch.zeros(b, L, c, device=device)
         mask = torch.ones(b, L, dtype=torch.bool, device=device)
@@ -307,9 +307,9 @@ class MAR(nn.Module):
             if zc.shape[0]:
                 zz = torch.cat([zc, z[b:][to_pred]]) if guided else zc
                 x = self.diffloss.sample(zz, temperature, scale, generator=generator,
-                                          num_steps=n_diff, guided=guided, impl=head_impl)
+                                          diffusion_steps=diffusion_steps, guided=guided, impl=head_impl)
                 tokens[to_pred] = x[:zc.shape[0]].to(tokens.dtype)
-                reverse_steps += n_diff
+                reverse_steps += diffusion_steps
             mask = mask_next
             n_masked = 0 if step == steps - 1 else n_next
         return self.unpatchify(tokens), {"mar_steps": steps, "diffusion_steps": reverse_steps}

@@ -45,9 +45,9 @@ class Encoder(nn.Module):
     norm_out, conv_out (2*z_channels: mean and logvar).  Attention only at the lowest level
     (KL-16's attn_resolutions=(16,) at 256px)."""
 
-    def __init__(self, cfg: KLConfig):
+    def __init__(self, config: KLConfig):
         super().__init__()
-        ch, mult, n = cfg.ch, cfg.ch_mult, cfg.num_res_blocks
+        ch, mult, n = config.ch, config.ch_mult, config.num_res_blocks
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.down = nn.ModuleList()
         c = ch
@@ -56,16 +56,16 @@ class Encoder(nn.Module):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(n):
-                level.block.append(ResnetBlock(c, ch * m, cfg.dropout))
+                level.block.append(ResnetBlock(c, ch * m, config.dropout))
                 c = ch * m
                 if last:
                     level.attn.append(AttnBlock(c))
             if not last:
                 level.downsample = Downsample(c)
             self.down.append(level)
-        self.mid = _mid(c, cfg.dropout)
+        self.mid = _mid(c, config.dropout)
         self.norm_out = Normalize(c)
-        self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(c, 2 * config.z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -84,18 +84,18 @@ class Decoder(nn.Module):
     """num_res_blocks + 1 res blocks a level, no attention outside the middle.  up[i] is the
     level at resolution index i (up[0] is full resolution), LDM's order; decoding runs it backwards."""
 
-    def __init__(self, cfg: KLConfig):
+    def __init__(self, config: KLConfig):
         super().__init__()
-        ch, mult, n = cfg.ch, cfg.ch_mult, cfg.num_res_blocks
+        ch, mult, n = config.ch, config.ch_mult, config.num_res_blocks
         c = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = _mid(c, cfg.dropout)
+        self.conv_in = nn.Conv2d(config.z_channels, c, 3, padding=1)
+        self.mid = _mid(c, config.dropout)
         levels = []
         for i in reversed(range(len(mult))):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()   # attn stays empty
             for _ in range(n + 1):
-                level.block.append(ResnetBlock(c, ch * mult[i], cfg.dropout))
+                level.block.append(ResnetBlock(c, ch * mult[i], config.dropout))
                 c = ch * mult[i]
             if i != 0:
                 level.upsample = Upsample(c)
@@ -130,22 +130,22 @@ def _mid(c: int, dropout: float) -> nn.Module:
 class AutoencoderKL(nn.Module):
     """images in [-1, 1] (B, 3, H, W) <-> latents (B, embed_dim, H/stride, W/stride)."""
 
-    def __init__(self, cfg: KLConfig):
+    def __init__(self, config: KLConfig):
         super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        if cfg.init_logvar:
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        if config.init_logvar:
             # Start near-deterministic: with logvar 0 the posterior noise (std 1) swamps the small
             # initial means and the decoder first learns the mean image (measured: grey recons).
             with torch.no_grad():
-                self.quant_conv.bias[cfg.embed_dim:].fill_(cfg.init_logvar)
+                self.quant_conv.bias[config.embed_dim:].fill_(config.init_logvar)
 
     @property
     def stride(self) -> int:
-        return self.cfg.stride
+        return self.config.stride
 
     def encode_moments(self, images):
         """-> (B, 2*embed_dim, h, w): [mean; logvar], what MAR's latent cache stores."""
@@ -156,12 +156,12 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(self.encode_moments(images))
 
     def encode(self, images, generator: torch.Generator | None = None):
-        """-> scaled latents: posterior sample * cfg.scale."""
-        return self.posterior(images).sample(generator) * self.cfg.scale
+        """-> scaled latents: posterior sample * config.scale."""
+        return self.posterior(images).sample(generator) * self.config.scale
 
     def decode(self, latents):
         """Scaled latents -> images."""
-        return self.decode_unscaled(latents / self.cfg.scale)
+        return self.decode_unscaled(latents / self.config.scale)
 
     def decode_unscaled(self, z):
         return self.decoder(self.post_quant_conv(z))

@@ -20,9 +20,9 @@ class Encoder(nn.Module):
     """Keys: conv_in, conv_blocks.{level}.{res,attn,downsample}, mid.{0,1,2}, norm_out, conv_out.
     Attention follows every res block of the lowest-resolution level only."""
 
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, config: VQConfig):
         super().__init__()
-        ch, mult, n = cfg.ch, cfg.ch_mult, cfg.num_res_blocks
+        ch, mult, n = config.ch, config.ch_mult, config.num_res_blocks
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList()
         c = ch
@@ -31,16 +31,16 @@ class Encoder(nn.Module):
             level = nn.Module()
             level.res, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(n):
-                level.res.append(ResnetBlock(c, ch * m, cfg.dropout))
+                level.res.append(ResnetBlock(c, ch * m, config.dropout))
                 c = ch * m
                 if last:
                     level.attn.append(AttnBlock(c))
             if not last:
                 level.downsample = Downsample(c)
             self.conv_blocks.append(level)
-        self.mid = nn.ModuleList([ResnetBlock(c, c, cfg.dropout), AttnBlock(c), ResnetBlock(c, c, cfg.dropout)])
+        self.mid = nn.ModuleList([ResnetBlock(c, c, config.dropout), AttnBlock(c), ResnetBlock(c, c, config.dropout)])
         self.norm_out = Normalize(c)
-        self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(c, config.z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -60,18 +60,18 @@ class Decoder(nn.Module):
     """Mirror of the encoder with num_res_blocks + 1 res blocks a level.  conv_blocks[0] is the
     lowest resolution (LlamaGen stores the levels in decoding order), and it alone has attention."""
 
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, config: VQConfig):
         super().__init__()
-        ch, mult, n = cfg.ch, cfg.ch_mult, cfg.num_res_blocks
+        ch, mult, n = config.ch, config.ch_mult, config.num_res_blocks
         c = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = nn.ModuleList([ResnetBlock(c, c, cfg.dropout), AttnBlock(c), ResnetBlock(c, c, cfg.dropout)])
+        self.conv_in = nn.Conv2d(config.z_channels, c, 3, padding=1)
+        self.mid = nn.ModuleList([ResnetBlock(c, c, config.dropout), AttnBlock(c), ResnetBlock(c, c, config.dropout)])
         self.conv_blocks = nn.ModuleList()
         for i in reversed(range(len(mult))):
             level = nn.Module()
             level.res, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(n + 1):
-                level.res.append(ResnetBlock(c, ch * mult[i], cfg.dropout))
+                level.res.append(ResnetBlock(c, ch * mult[i], config.dropout))
                 c = ch * mult[i]
                 if i == len(mult) - 1:
                     level.attn.append(AttnBlock(c))
@@ -114,10 +114,10 @@ def entropy_loss(affinity, temperature: float = 0.01):
 class VectorQuantizer(nn.Module):
     USAGE_WINDOW = 65536   # length of LlamaGen's `codebook_used` buffer (part of the public keys)
 
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, config: VQConfig):
         super().__init__()
-        self.n_e, self.e_dim = cfg.codebook_size, cfg.codebook_embed_dim
-        self.beta, self.entropy_ratio, self.l2_norm = cfg.commit_loss_beta, cfg.entropy_loss_ratio, cfg.codebook_l2_norm
+        self.n_e, self.e_dim = config.codebook_size, config.codebook_embed_dim
+        self.beta, self.entropy_ratio, self.l2_norm = config.commit_loss_beta, config.entropy_loss_ratio, config.codebook_l2_norm
         self.embedding = nn.Embedding(self.n_e, self.e_dim)
         with torch.no_grad():
             self.embedding.weight.uniform_(-1.0 / self.n_e, 1.0 / self.n_e)
@@ -183,18 +183,18 @@ class VectorQuantizer(nn.Module):
 class VQModel(nn.Module):
     """images in [-1, 1] (B, 3, H, W) <-> codes (B, H/stride, W/stride)."""
 
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, config: VQConfig):
         super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quantize = VectorQuantizer(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quantize = VectorQuantizer(config)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, 1)
 
     @property
     def stride(self) -> int:
-        return self.cfg.stride
+        return self.config.stride
 
     def quantize_images(self, images):
         check_images(images, self.stride)
