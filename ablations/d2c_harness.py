@@ -12,10 +12,10 @@ Sample grids: <results_dir>/grids/<cell_id>.png.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,6 +30,7 @@ from d2c.data.imagefolder import DataConfig, DataError, validate_data_config
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = Path(__file__).resolve().parent
+logger = logging.getLogger(__name__)
 
 RECIPES = ("small", "tiny")
 # test hooks: a cell that raises, a job process that dies, a cell that raises when seed % 5 == 0
@@ -463,7 +464,7 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
-def run_cell(c: dict, cell_id: str, train_key: str, log=print) -> dict:
+def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
     """ensure checkpoints -> sample -> metrics -> record; a failure becomes a failed record.
     Returns the record (rank 0) or {} (other ranks of a multi-task job)."""
     from d2c.results import is_finished, now_iso, read_record, record_path, write_record
@@ -484,7 +485,7 @@ def run_cell(c: dict, cell_id: str, train_key: str, log=print) -> dict:
             os._exit(17)        # a job that dies without a record (tests the launcher's reporting)
         if c["fault"] == "raise" or (c["fault"] == "raise_if_seed_mod5" and c["seed"] % 5 == 0):
             raise RuntimeError(f"fault injected by fault={c['fault']}")
-        pipe = Pipeline(build_recipe(c), root=results, device=c["device"], log=log)
+        pipe = Pipeline(build_recipe(c), root=results, device=c["device"])
         if world > 1:   # every rank in the process group before the first stage (see pipeline._stage_lock)
             from d2c.distributed import init_distributed
             import torch.distributed as dist
@@ -508,7 +509,7 @@ def run_cell(c: dict, cell_id: str, train_key: str, log=print) -> dict:
         if rank != 0:
             raise
         rec.update(status="failed", error=one_line(e, with_type=True)[:500])
-        log(f"cell {cell_id} failed:\n{traceback.format_exc()}")
+        logger.exception(f"cell {cell_id} failed")
     rec["finished_at"] = now_iso()
     rec["seconds"] = time.perf_counter() - t0
     write_record(results, rec)

@@ -21,6 +21,7 @@ the d2c sweeper as a file, and the summary printed from the records after the sw
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -30,7 +31,11 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import hydra  # noqa: E402
+from d2c import require  # noqa: E402
+from d2c.cli import exit_on_user_error  # noqa: E402
+
+with exit_on_user_error():     # the core package alone: one line naming the extra
+    hydra = require("hydra", "the sweep (ablations/run.py, d2c-sweep)")
 from omegaconf import DictConfig  # noqa: E402
 
 import d2c_harness as H  # noqa: E402
@@ -47,6 +52,7 @@ def register() -> None:
 
 
 register()
+logger = logging.getLogger("d2c.cell")
 PASS_THROUGH = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--resolve",
                 "--package", "-p", "--shell-completion", "-sc")
 
@@ -55,15 +61,16 @@ PASS_THROUGH = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--i
 def task(config: DictConfig):
     """One cell (runs inside the launcher's job)."""
     import d2c_harness as H
+    logging.captureWarnings(True)   # the library's warnings (skipped batches, bad images) in the job log
     c = H.resolve(config)
     cell_id, train_key = H.keys(c)
-    print(f"cell {cell_id[:8]} running: {H.describe(c)}", flush=True)
+    logger.info(f"cell {cell_id[:8]} running: {H.describe(c)}")
     rec = H.run_cell(c, cell_id, train_key)
     if rec:
         m = rec.get("metrics") or {}
         tail = (f"fid={m['fid']:.3f} {rec['speed']['images_per_second']:.1f} img/s" if rec["status"] == "ok"
                 and "fid" in m else rec.get("error") or "")
-        print(f"cell {cell_id[:8]} {rec['status']}: {H.describe(c)} {tail}", flush=True)
+        logger.info(f"cell {cell_id[:8]} {rec['status']}: {H.describe(c)} {tail}")
     return {"cell_id": cell_id, "status": rec.get("status") if rec else None}
 
 
@@ -117,7 +124,6 @@ def main(argv=None) -> int:
         sys.argv = [sys.argv[0], *args]
         task()
         return 0
-    from d2c.cli import exit_on_user_error
     try:
         # user errors (H.ConfigError is a ValueError): one line `error: ...`, exit 2
         with exit_on_user_error():

@@ -36,7 +36,8 @@ def test_every_third_party_import_is_declared():
                       "hydra": "hydra-core", "markdown": "markdown"}
     declared = {_name(r) for r in PROJECT["dependencies"] + sum(PROJECT["optional-dependencies"].values(), [])}
     stdlib = set(sys.stdlib_module_names)
-    own = {"d2c", "d2c_harness", "hydra_plugins", "conftest", "test_reliability", "test_train", "test_ablations", "make_tables"}
+    own = {"d2c", "d2c_ablations", "d2c_reports", "d2c_harness", "hydra_plugins", "conftest", "test_reliability",
+           "test_train", "test_ablations"}
     seen = set()
     for folder in ("core", "ablations", "reports"):
         for f in (ROOT / folder).rglob("*.py"):
@@ -47,16 +48,30 @@ def test_every_third_party_import_is_declared():
     assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"
 
 
+def test_every_package_is_listed():
+    """pyproject lists the packages (three source folders); a new subpackage must be added there."""
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(f.parent.relative_to(ROOT / "core").parts) for f in (ROOT / "core").rglob("__init__.py")
+             if "egg-info" not in str(f)}
+    for name, folder in (("d2c_ablations", "ablations"), ("d2c_reports", "reports")):
+        assert setup["package-dir"][name] == folder
+        found |= {".".join((name, *f.parent.relative_to(ROOT / folder).parts)) for f in (ROOT / folder).glob("*/__init__.py")
+                  if f.parent.name != "d2c_ablations"} | {name}
+    assert found == set(setup["packages"])
+
+
 def test_console_scripts_exist_and_answer_help():
-    assert PROJECT["scripts"]["d2c-demo"] == "d2c.demo:main"
+    assert PROJECT["scripts"] == {"d2c-demo": "d2c.demo:main", "d2c-sweep": "d2c_ablations.run:main",
+                                  "d2c-report": "d2c_reports.make_tables:main"}
     bin_dir = Path(sys.executable).parent
     for name in PROJECT["scripts"]:
         exe = bin_dir / name
         assert exe.is_file(), f"{exe}: not installed (make install)"
         out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "usage" in out.stdout.lower(), out.stderr
-    out = subprocess.run([sys.executable, "-m", "d2c.demo", "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "usage" in out.stdout.lower()
+    for module in ("d2c.demo", "d2c_ablations", "d2c_reports"):
+        out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "usage" in out.stdout.lower(), (module, out.stderr[-2000:])
 
 
 @pytest.mark.slow
@@ -64,7 +79,8 @@ def test_core_install_without_extras_runs_the_demo_and_names_the_extra(tmp_path)
     """A fresh venv with `pip install -c constraints.txt .` (no extras): the demo runs; metrics
     stop with one line naming the extra."""
     src = tmp_path / "src"                  # a copy: setuptools builds in the source tree
-    shutil.copytree(ROOT / "core", src / "core", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for folder in ("core", "ablations", "reports"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     for f in ("pyproject.toml", "README.md", "constraints.txt"):
         shutil.copy(ROOT / f, src / f)
     venv = tmp_path / "venv"
@@ -84,3 +100,7 @@ def test_core_install_without_extras_runs_the_demo_and_names_the_extra(tmp_path)
     out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "torch_fidelity" in out.stderr and "d2c[harness]" in out.stderr
+    for script in ("d2c-sweep", "d2c-report"):   # installed, and they name the extra they need
+        out = subprocess.run([str(venv / "bin" / script), "--help"], capture_output=True, text=True, timeout=300,
+                             env=env, cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "d2c[harness]" in out.stderr, out.stderr

@@ -1,5 +1,6 @@
 """The stage chain: keyed by config, reused when finished, retrained only downstream of a change."""
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -21,12 +22,17 @@ def _tiny_recipe(**gpt_kw):
     })
 
 
-def test_stages_reused_and_retrained_only_downstream(tmp_path):
-    logs = []
-    pipe = Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=logs.append)
+def trained_stages(caplog) -> list[str]:
+    """The stages a Pipeline trained, from its `training <stage> -> <folder>` log lines."""
+    return [r.getMessage().split()[1] for r in caplog.records if r.name == "d2c.pipeline"]
+
+
+def test_stages_reused_and_retrained_only_downstream(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="d2c.pipeline")
+    pipe = Pipeline(_tiny_recipe(), root=tmp_path, device="cpu")
     m = pipe.models(Family("d2c", "qformer"))
     assert m["mar"].fusion.kind == "qformer" and set(m) == {"mar", "kl", "gpt"}
-    trained = {line.split()[1] for line in logs}
+    trained = set(trained_stages(caplog))
     assert trained == {"kl", "vq", "gpt", "d2c_qformer"}
     # KL latent scale was fitted: scaled latents of real images have ~unit std
     kl = m["kl"]
@@ -36,36 +42,36 @@ def test_stages_reused_and_retrained_only_downstream(tmp_path):
         z = kl.encode(x, generator=torch.Generator().manual_seed(0))
     assert abs(float(z.std()) - 1.0) < 0.3
 
-    logs.clear()   # same recipe, new process state: nothing retrains
-    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=logs.append).models(Family("d2c", "qformer"))
-    assert logs == []
+    caplog.clear()   # same recipe, new process state: nothing retrains
+    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu").models(Family("d2c", "qformer"))
+    assert trained_stages(caplog) == []
 
-    logs.clear()   # a stage-1 change retrains stage 1 only
-    Pipeline(_tiny_recipe(lr=2e-3), root=tmp_path, device="cpu", log=logs.append).models(Family("d2c", "qformer"))
-    assert [line.split()[1] for line in logs] == ["gpt"]
+    caplog.clear()   # a stage-1 change retrains stage 1 only
+    Pipeline(_tiny_recipe(lr=2e-3), root=tmp_path, device="cpu").models(Family("d2c", "qformer"))
+    assert trained_stages(caplog) == ["gpt"]
 
 
-def test_editing_a_preset_retrains(tmp_path, monkeypatch):
+def test_editing_a_preset_retrains(tmp_path, monkeypatch, caplog):
     import d2c.config as C
-    logs = []
-    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=logs.append).tokenizer("vq")
+    caplog.set_level(logging.INFO, logger="d2c.pipeline")
+    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu").tokenizer("vq")
     monkeypatch.setitem(C.PRESETS, "vq_tiny", dataclasses.replace(C.PRESETS["vq_tiny"], entropy_loss_ratio=0.1))
-    logs.clear()
-    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=logs.append).tokenizer("vq")
-    assert [line.split()[1] for line in logs] == ["vq"]
+    caplog.clear()
+    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu").tokenizer("vq")
+    assert trained_stages(caplog) == ["vq"]
 
 
-def test_new_shapes_version_retrains_and_rekeys_the_cache(tmp_path, monkeypatch):
+def test_new_shapes_version_retrains_and_rekeys_the_cache(tmp_path, monkeypatch, caplog):
     """Old runs of an older generator must never be reused for the new images."""
     import d2c.data.shapes as S
     from d2c.data import ShapesDataset
-    logs = []
-    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=logs.append).tokenizer("vq")
+    caplog.set_level(logging.INFO, logger="d2c.pipeline")
+    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu").tokenizer("vq")
     old_identity = ShapesDataset(n=4, seed=0).identity()
     monkeypatch.setattr(S, "VERSION", S.VERSION + 1)
-    logs.clear()
-    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=logs.append).tokenizer("vq")
-    assert [line.split()[1] for line in logs] == ["vq"]
+    caplog.clear()
+    Pipeline(_tiny_recipe(), root=tmp_path, device="cpu").tokenizer("vq")
+    assert trained_stages(caplog) == ["vq"]
     assert ShapesDataset(n=4, seed=0).identity() != old_identity
 
 
@@ -81,7 +87,7 @@ def test_family_configs():
 
 @pytest.mark.slow
 def test_evaluate_records_metrics_and_speed(tmp_path):
-    pipe = Pipeline(_tiny_recipe(), root=tmp_path, device="cpu", log=lambda s: None)
+    pipe = Pipeline(_tiny_recipe(), root=tmp_path, device="cpu")
     r = evaluate(pipe, Family("d2c", "cross_attn"), steps=2, num_images=20, batch_size=10, progress=False)
     assert r["images"].shape == (20, 3, 32, 32)
     assert {"fid", "is_mean", "precision", "recall", "class_accuracy"} <= set(r["metrics"])
@@ -89,18 +95,18 @@ def test_evaluate_records_metrics_and_speed(tmp_path):
     assert r["speed"]["stage1_seconds"] > 0 and r["speed"]["stage2_seconds"] > 0
 
 
-def test_stage2_families_share_one_trunk(tmp_path):
+def test_stage2_families_share_one_trunk(tmp_path, caplog):
     """mar_trunk trains once; each family starts from its weights (fusion modules are new)."""
     from d2c.checkpoint import load_state_dict_file
     recipe = _tiny_recipe()
     recipe.stages["mar_trunk"] = recipe.stages["mar"]
     # lr 0 after the trunk: a family's weights must then equal the trunk's, key for key
     recipe.stages["mar"] = dataclasses.replace(recipe.stages["mar"], lr=0.0, train_steps=1)
-    logs = []
-    pipe = Pipeline(recipe, root=tmp_path, device="cpu", log=logs.append)
+    caplog.set_level(logging.INFO, logger="d2c.pipeline")
+    pipe = Pipeline(recipe, root=tmp_path, device="cpu")
     pipe.models(Family("mar"))
     pipe.models(Family("d2c", "cross_attn"))
-    trained = [line.split()[1] for line in logs]
+    trained = trained_stages(caplog)
     assert trained.count("mar_trunk") == 1 and {"mar", "d2c_cross_attn"} <= set(trained)
     trunk = load_state_dict_file(sorted(pipe._dirs["mar_trunk"].glob("step_*"))[-1] / "model.safetensors")
     fam = load_state_dict_file(sorted(pipe._dirs["d2c_cross_attn"].glob("step_*"))[-1] / "model.safetensors")

@@ -1,7 +1,6 @@
 """reports/make_tables.py: tables round-trip the records, Pareto front, figures, bad/empty inputs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -16,13 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from d2c.results import write_record
+from d2c_reports import load as L
+from d2c_reports import make_tables as mt
+from d2c_reports import page, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "reports" / "make_tables.py"
-_spec = importlib.util.spec_from_file_location("make_tables", SCRIPT)
-mt = importlib.util.module_from_spec(_spec)
-sys.modules["make_tables"] = mt  # dataclasses look their module up
-_spec.loader.exec_module(mt)
 
 CPU, GPU = "Test CPU 9000", None
 FUSION = {"llamagen": None, "mar": "none", "d2c_cross_attn": "cross_attn", "d2c_qformer": "qformer"}
@@ -69,7 +67,7 @@ def fid_of(family, steps, cfg, seed):
 def sweep():
     """3 seeds x families x steps (cfg 2.0) + a cfg sweep for qformer, and one failed run."""
     recs = []
-    for fam in mt.FAMILY_NAMES:
+    for fam in L.FAMILY_NAMES:
         for steps in ((None,) if fam == "llamagen" else (4, 16, 64)):
             for seed in range(3):
                 recs.append(record(fam, steps, 2.0, seed, fid_of(fam, steps, 2.0, seed)))
@@ -152,7 +150,7 @@ def test_exit_code_and_files(built):
 def test_steps_table_round_trips(built, fmt):
     """Every cell of the MAR-steps table equals mean/std/n over the seeds of its records."""
     res, out, recs, _ = built
-    hw = mt.slug(mt.hardware_label({"cpu_model": CPU, "gpu_name": GPU}))
+    hw = page.slug(L.hardware_label({"cpu_model": CPU, "gpu_name": GPU}))
     path = out / "tables" / hw / f"steps.{fmt}"
     t = (parse_md_table if fmt == "md" else parse_tex_table)(path)
     exp = expected(recs)
@@ -162,21 +160,21 @@ def test_steps_table_round_trips(built, fmt):
         key = (row["family"].replace(r"\_", "_"), float(row["steps"]), float(row["cfg"]))
         g = exp[key]
         assert int(row["n"]) == len(g)
-        for col, header, spec, _ in mt.METRICS:
+        for col, header, spec, _ in L.METRICS:
             m, s = mean_std(row[header])
             assert abs(m - g[col].mean()) <= tol(spec, g[col].mean()), (key, col)
             if len(g) > 1:
-                assert abs(s - g[col].std(ddof=1)) <= tol(mt.std_spec(spec), g[col].std(ddof=1)), (key, col)
+                assert abs(s - g[col].std(ddof=1)) <= tol(tables.std_spec(spec), g[col].std(ddof=1)), (key, col)
             else:
                 assert s is None
 
 
 def test_best_marked_per_column(built):
     _, out, _, _ = built
-    hw = mt.slug(mt.hardware_label({"cpu_model": CPU, "gpu_name": GPU}))
+    hw = page.slug(L.hardware_label({"cpu_model": CPU, "gpu_name": GPU}))
     for fmt, parse in (("md", parse_md_table), ("tex", parse_tex_table)):
         t = parse(out / "tables" / hw / f"steps.{fmt}")
-        for _, header, _, higher in mt.METRICS:
+        for _, header, _, higher in L.METRICS:
             vals = [mean_std(v)[0] for v in t[header]]
             best = max(vals) if higher else min(vals)
             marked = [unbold(v)[1] for v in t[header]]
@@ -186,11 +184,11 @@ def test_best_marked_per_column(built):
 def test_cells_frame_equals_records(built):
     """The intermediate DataFrame: means exact, hardware never averaged, failed runs absent."""
     res, _, recs, _ = built
-    runs, problems = mt.load(res)
+    runs, problems = L.load(res)
     assert problems == [] and len(runs) == len(recs)
-    c = mt.cells(runs)
+    c = L.cells(runs)
     exp = expected(recs)
-    cpu_only = c[c["hardware"] == mt.hardware_label({"cpu_model": CPU})]
+    cpu_only = c[c["hardware"] == L.hardware_label({"cpu_model": CPU})]
     assert len(cpu_only) == len(exp)
     for _, row in cpu_only.iterrows():
         g = exp[(row["family"], None if pd.isna(row["steps"]) else float(row["steps"]), row["cfg"])]
@@ -198,7 +196,7 @@ def test_cells_frame_equals_records(built):
         assert row["fid"] == pytest.approx(g["fid"].mean(), rel=1e-12)
         assert row["images_per_second"] == pytest.approx(g["images_per_second"].mean(), rel=1e-12)
         assert row["stage2_s_img"] == pytest.approx((g["stage2_seconds"] / 100).mean(), rel=1e-12)
-    gpu = c[c["hardware"] == mt.hardware_label({"cpu_model": CPU, "gpu_name": "Test GPU H1"})]
+    gpu = c[c["hardware"] == L.hardware_label({"cpu_model": CPU, "gpu_name": "Test GPU H1"})]
     assert len(gpu) == 1 and gpu["n"].item() == 1 and gpu["fid"].item() == 5.0
     assert 256 not in set(c["steps"])  # the failed run
     assert "results_dir" not in c.columns  # where a run wrote is not part of its cell
@@ -207,7 +205,7 @@ def test_cells_frame_equals_records(built):
 
 def test_tables_grouped_by_hardware(built):
     _, out, _, _ = built
-    gpu_dir = out / "tables" / mt.slug(mt.hardware_label({"cpu_model": CPU, "gpu_name": "Test GPU H1"}))
+    gpu_dir = out / "tables" / page.slug(L.hardware_label({"cpu_model": CPU, "gpu_name": "Test GPU H1"}))
     t = parse_md_table(gpu_dir / "steps.md")
     assert len(t) == 1 and t["n"].tolist() == ["1"] and mean_std(t["FID"][0]) == (5.0, None)
     report = (out / "report.md").read_text()
@@ -216,8 +214,8 @@ def test_tables_grouped_by_hardware(built):
 
 def test_every_axis_table_written(built):
     _, out, _, _ = built
-    hw = out / "tables" / mt.slug(mt.hardware_label({"cpu_model": CPU, "gpu_name": GPU}))
-    for axis in mt.AXES:
+    hw = out / "tables" / page.slug(L.hardware_label({"cpu_model": CPU, "gpu_name": GPU}))
+    for axis in L.AXES:
         assert (hw / f"{axis}.md").is_file() and (hw / f"{axis}.tex").is_file()
     fusion = parse_md_table(hw / "fusion.md")
     assert set(fusion["fusion"]) == {"none", "cross_attn", "qformer"}
@@ -233,9 +231,9 @@ def is_png(p: Path, min_bytes=2000):
 
 def test_figures_written(built):
     _, out, _, _ = built
-    for hw in (mt.hardware_label({"cpu_model": CPU}), mt.hardware_label({"cpu_model": CPU, "gpu_name": "Test GPU H1"})):
+    for hw in (L.hardware_label({"cpu_model": CPU}), L.hardware_label({"cpu_model": CPU, "gpu_name": "Test GPU H1"})):
         for name in ("speed_vs_fid", "fid_vs_steps", "stage_times"):
-            base = out / "figures" / mt.slug(hw) / name
+            base = out / "figures" / page.slug(hw) / name
             assert is_png(base.with_suffix(".png")), base
             assert base.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
     report = (out / "report.md").read_text()
@@ -288,11 +286,11 @@ def test_pareto_hand_made():
     df = pd.DataFrame({"ips": [1.0, 2.0, 3.0, 2.0, 0.5, 3.0, np.nan, 4.0, 4.0],
                        "fid": [5.0, 6.0, 8.0, 7.0, 4.0, 9.0, 1.0, 8.0, 8.0]},
                       index=list("abcdefghi"))
-    front = mt.pareto_front(df, "ips", "fid")
+    front = tables.pareto_front(df, "ips", "fid")
     # e: slowest, best FID; a, b: trade-offs; c dominated by h/i (faster, same FID); d by b; f by c
     # reversed directions (slow and high FID wins): d dominates b, f dominates c and h
     assert list(front.index) == ["e", "a", "b", "h", "i"]
-    assert list(mt.pareto_front(df, "ips", "fid", higher_x=False, lower_y=False).index) == ["e", "a", "d", "f"]
+    assert list(tables.pareto_front(df, "ips", "fid", higher_x=False, lower_y=False).index) == ["e", "a", "d", "f"]
 
 
 def brute_front(xs, ys):
@@ -305,7 +303,7 @@ def brute_front(xs, ys):
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), max_size=25))
 def test_pareto_matches_brute_force(points):
     df = pd.DataFrame(points, columns=["x", "y"], dtype=float)
-    got = set(mt.pareto_front(df, "x", "y").index)
+    got = set(tables.pareto_front(df, "x", "y").index)
     assert got == brute_front(df["x"].tolist(), df["y"].tolist())
 
 
@@ -357,9 +355,9 @@ def test_partial_results_missing_optional_keys(tmp_path):
     r["config"].pop("discrete_model")
     write_record(tmp_path, r)
     assert mt.main(["--results", str(tmp_path)]) == 0
-    hw = tmp_path / "report" / "tables" / mt.slug(mt.hardware_label({}))
+    hw = tmp_path / "report" / "tables" / page.slug(L.hardware_label({}))
     t = parse_md_table(hw / "steps.md")
-    assert t["FID"].tolist() == [mt.DASH] and t["n"].tolist() == ["1"]
+    assert t["FID"].tolist() == [L.DASH] and t["n"].tolist() == ["1"]
 
 
 def test_unwritable_report_folder(tmp_path, capsys):
@@ -376,7 +374,7 @@ def test_cli_missing_path_and_no_traceback(tmp_path):
 
 
 def test_md_to_html_subset():
-    h = mt.md_to_html("# T\n\npara **b** `c` [x](p.md) ![i](a%20b.png)\n\n| a | b |\n|---|---:|\n| 1 \\| 2 | 3 |\n"
+    h = page.md_to_html("# T\n\npara **b** `c` [x](p.md) ![i](a%20b.png)\n\n| a | b |\n|---|---:|\n| 1 \\| 2 | 3 |\n"
                       "\n- one\n- two\n")
     assert "<h1>T</h1>" in h and "<strong>b</strong>" in h and "<code>c</code>" in h
     assert '<a href="p.html">x</a>' in h and '<img alt="i" src="a%20b.png">' in h

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from d2c.checkpoint import is_done, load_trained, stable_hash
 from d2c.data.batches import ImageSource, TokenSource
 from d2c.train import train
 
+
+logger = logging.getLogger(__name__)
 
 
 def _default_stages() -> dict:
@@ -90,11 +93,10 @@ def _stage_lock(out: Path):
 class Pipeline:
     """Lazily trains (or finds) what a family needs and returns the models in eval mode."""
 
-    def __init__(self, recipe: Recipe | None = None, root="outputs", device=None, log=print):
+    def __init__(self, recipe: Recipe | None = None, root="outputs", device=None):
         self.recipe = recipe or Recipe()
         self.root = Path(root)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.log = log
         self.timings: dict[str, float] = {}   # seconds spent training each stage in this process
         self._dataset = self._cache = None
         self._dirs: dict[str, Path] = {}
@@ -116,7 +118,7 @@ class Pipeline:
             with _stage_lock(out):   # concurrent processes (sweep cells) train a stage once
                 if not is_done(out):
                     last = sorted(p.name for p in out.glob("step_*")) if out.exists() else []
-                    self.log(f"training {name} -> {out}" + (f" (resuming from {last[-1]})" if last else ""))
+                    logger.info(f"training {name} -> {out}" + (f" (resuming from {last[-1]})" if last else ""))
                     t0 = time.perf_counter()
                     train(config, source_fn(), out, device=self.device, extra_batch=extra, init_from=init_from)
                     self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0

@@ -21,10 +21,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -45,6 +45,8 @@ from d2c.tokenizers.kl import DiagonalGaussian
 
 CONV_STAGES = ("kl", "vq")   # the convolutional tokenizers
 PREEMPT_SIGNALS = (signal.SIGTERM,)   # SLURM sends SIGTERM on preemption / scancel, KillWait before SIGKILL
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -274,8 +276,8 @@ def train(config: TrainConfig, source, out, device=None, extra_batch: dict | Non
                 if stop_now and done < config.train_steps:
                     saved = checkpoint(done)
                     if rank == 0:
-                        print(f"train: stop requested (SIGTERM): checkpoint {out / f'step_{saved:07d}'} "
-                              f"written; rerun to resume", file=sys.stderr, flush=True)
+                        logger.warning(f"train: stop requested (SIGTERM): checkpoint {out / f'step_{saved:07d}'} "
+                                       "written; rerun to resume")
                     raise Preempted(saved, out / f"step_{saved:07d}")
             stopped = bool(stop_now) if config.train_steps > start else _stop.is_set()  # during the last step: finish, then exit
     finally:

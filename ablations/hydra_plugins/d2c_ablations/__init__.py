@@ -19,6 +19,7 @@ when `ablations/` is on sys.path, which `ablations/run.py` arranges, also for it
   search path                slurm/conf (launcher presets such as hydra/launcher=local_cluster).
 """
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 
 REPO = Path(__file__).resolve().parents[3]
+logger = logging.getLogger("d2c.sweep")   # main process: Hydra's log; jobs: the job's log
 SACCT_SHIM = REPO / "slurm" / "bin"
 
 
@@ -91,7 +93,7 @@ class _Robust:
             return super().__call__(*args)
         except T.Preempted:
             if got and callable(submitit_handler):
-                print(f"preempted (signal {signal.Signals(got[0]).name}): checkpoint written; requeuing", flush=True)
+                logger.warning(f"preempted (signal {signal.Signals(got[0]).name}): checkpoint written; requeuing")
                 signal.signal(usr, submitit_handler)
                 submitit_handler(got[0], None)   # checkpoint() + requeue + exit (rank 0; returns on others)
             raise   # SIGTERM (scancel / SLURM preemption): exit 143 without a record; a rerun resumes
@@ -126,7 +128,7 @@ class _Robust:
         jobs = executor.map_array(self, *zip(*args))
         names = [" ".join(filter_overrides(ov)) for ov in job_overrides]
         for j, n in zip(jobs, names):
-            print(f"  submitted job {j.job_id}: {n}", flush=True)
+            logger.info(f"  submitted job {j.job_id}: {n}")
         states = {}
         pending = set(range(len(jobs)))
         while pending:
@@ -136,10 +138,10 @@ class _Robust:
                 st = j.state
                 if states.get(i) != st and not done:
                     states[i] = st
-                    print(f"  job {j.job_id} {st}: {names[i]}", flush=True)
+                    logger.info(f"  job {j.job_id} {st}: {names[i]}")
                 if done:
                     pending.discard(i)
-                    print(f"  job {j.job_id} finished ({j.state}): {names[i]}", flush=True)
+                    logger.info(f"  job {j.job_id} finished ({j.state}): {names[i]}")
             if pending:
                 time.sleep(self.poll_s)
         out = []
@@ -220,10 +222,10 @@ class D2CSweeper(Sweeper):
         todo = [c for c in cells if not is_finished(c["results_dir"], c["cell_id"])]
         trains = len({c["train_key"] for c in todo})
         results_dir = cells[0]["results_dir"] if cells else "."
-        print(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} already done (skipped), "
-              f"{len(todo)} to run, {trains} training config(s); results in {results_dir}", flush=True)
+        logger.info(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} already done (skipped), "
+                    f"{len(todo)} to run, {trains} training config(s); results in {results_dir}")
         for c in cells:
-            print(f"  [{'todo' if c in todo else 'done'}] {c['cell_id'][:8]} {c['describe']}", flush=True)
+            logger.info(f"  [{'todo' if c in todo else 'done'}] {c['cell_id'][:8]} {c['describe']}")
         if not todo:
             return []
         rets = self.launcher.launch([c["overrides"] for c in todo], initial_job_idx=0)
@@ -238,7 +240,7 @@ class D2CSweeper(Sweeper):
                 msg = str(r._return_value).strip().splitlines()
                 error = msg[0] if msg else type(r._return_value).__name__
                 write_record(c["results_dir"], {**c["failed_record"], "error": error[:500], "finished_at": now_iso()})
-                print(f"  FAILED {c['cell_id'][:8]} {c['describe']}: {error}", flush=True)
+                logger.error(f"  FAILED {c['cell_id'][:8]} {c['describe']}: {error}")
         return [rets]
 
 

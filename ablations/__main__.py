@@ -1,0 +1,5 @@
+import sys
+
+from d2c_ablations.run import main
+
+sys.exit(main())

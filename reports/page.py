@@ -1,0 +1,206 @@
+"""The report folder: tables, figures and grid pages written per hardware, one report.md with
+the run metadata, failures and published numbers, and an HTML twin of every page."""
+from __future__ import annotations
+
+import hashlib
+import html
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+import pandas as pd
+
+from d2c_reports import figures
+from d2c_reports.load import AXES, DASH, cells, config_columns, family_rank, log, order_key
+from d2c_reports.tables import axis_table, caption, table_latex, table_markdown, value_text
+
+def slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")[:40].strip("-")
+    return f"{s or 'x'}-{hashlib.sha1(str(text).encode()).hexdigest()[:6]}"
+
+
+def md_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "_none_\n"
+    esc = lambda v: value_text(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "|".join("---" for _ in df.columns) + "|"]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _rel(path: Path, start: Path) -> str:
+    return quote(os.path.relpath(path, start).replace(os.sep, "/"))
+
+
+def load_published(path: Path) -> tuple[pd.DataFrame | None, str | None]:
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False), None
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        return None, f"published numbers unavailable ({path}: {type(e).__name__})"
+
+
+def metadata_md(runs: pd.DataFrame) -> list[str]:
+    if runs.empty:
+        return []
+    out = ["## Run metadata", "", "### Hardware", ""]
+    hwcols = [c for c in ("hw.cpu_model", "hw.gpu_name", "hw.cpu_cores", "hw.gpu_count", "hw.cuda_version",
+                          "hw.torch", "hw.platform") if c in runs]
+    hw = runs.groupby("hardware", sort=True, dropna=False).agg(
+        runs=("cell_id", "size"), **{c[3:]: (c, lambda s: ", ".join(sorted({value_text(v) for v in s}))) for c in hwcols})
+    out += [md_table(hw.reset_index()), "### Versions", ""]
+    vcols = [c for c in runs.columns if c.startswith("ver.")]
+    if vcols:
+        v = runs[vcols].map(value_text).value_counts().rename("runs").reset_index()
+        v.columns = [c.removeprefix("ver.") if isinstance(c, str) else c for c in v.columns]
+        out.append(md_table(v))
+    else:
+        out.append("_no version information in the records_\n")
+    out += ["### Code commits", ""]
+    commits = runs["git_commit"].map(value_text).value_counts().rename("runs").reset_index()
+    out += [md_table(commits), "### Dates", ""]
+    st = pd.to_datetime(runs["started_at"], utc=True, errors="coerce", format="ISO8601")
+    fi = pd.to_datetime(runs["finished_at"], utc=True, errors="coerce", format="ISO8601")
+    out.append(f"- first run started: {st.min() if st.notna().any() else DASH}")
+    out.append(f"- last run finished: {fi.max() if fi.notna().any() else DASH}\n")
+    return out
+
+
+def write_grid_pages(runs: pd.DataFrame, results_dir: Path, out: Path) -> list[tuple[str, Path]]:
+    """One page per (family, MAR steps) with every record's sample grid."""
+    if runs.empty:
+        return []
+    g = runs[runs["grid"].notna()].copy()
+    if g.empty:
+        return []
+    if "steps" not in g:
+        g["steps"] = None
+    pages = []
+    g["_steps"] = g["steps"].map(value_text)
+    for (fam, steps), grp in g.groupby(["family", "_steps"], sort=False):
+        page = out / "grids" / f"{slug(fam)}_steps-{re.sub(r'[^0-9A-Za-z.]+', '_', steps)}.md"
+        var = [k for k in config_columns(grp) if k != "steps" and grp[k].nunique(dropna=False) > 1]
+        lines = [f"# Sample grids: {fam}, steps {steps}", "", "[back to the report](../report.md)", ""]
+        for _, r in grp.sort_values(["hardware", *var, "seed"], key=order_key, kind="stable").iterrows():
+            img = results_dir / str(r["grid"])
+            head = ", ".join([f"{k}={value_text(r[k])}" for k in var] + [f"seed={value_text(r['seed'])}", r["status"]])
+            lines += [f"## {head}", "", f"{r['hardware']}, record `{Path(r['file']).name}`", ""]
+            lines.append(f"![{fam} steps {steps} seed {value_text(r['seed'])}]({_rel(img, page.parent)})" if img.is_file()
+                         else f"grid file missing: `{img}`")
+            lines.append("")
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text("\n".join(lines))
+        pages.append((f"{fam}, steps {steps} ({len(grp)} grid{'s' * (len(grp) > 1)})", page))
+    pages.sort(key=lambda p: (family_rank(p[0].split(",")[0]), p[1].name))
+    return pages
+
+
+def build_report(runs, problems, results_dir: Path, out: Path, published_path: Path) -> dict:
+    """Writes every table, figure, grid page and report.md/.html; returns what it wrote."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures.theme()
+    c = cells(runs)
+    wrote = {"tables": [], "figures": [], "grids": []}
+    n_ok = int((runs["status"] == "ok").sum()) if len(runs) else 0
+    n_failed = int((runs["status"] == "failed").sum()) if len(runs) else 0
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    md = ["# d2c-bench report", "",
+          f"Generated {now} from `{results_dir}` by `reports/make_tables.py`.", "",
+          f"Records: **{n_ok} ok**, {n_failed} failed, {len(problems)} malformed (skipped).", ""]
+    if runs.empty:
+        md += ["**No measured results yet**: no valid record under "
+               f"`{results_dir / 'records'}`. Run the harness (ablations/run.py)"
+               " and rerun this script.", ""]
+    md += metadata_md(runs)
+    if not c.empty:
+        c.to_csv(out / "cells.csv", index=False)
+        runs.to_csv(out / "runs.csv", index=False)
+        md += ["Every number below is a mean ± std over seeds (n = seeds) of runs on the **same hardware**; "
+               "runs on different hardware are never averaged together. Raw data: [runs.csv](runs.csv) "
+               "(one row per record), [cells.csv](cells.csv) (one row per cell).", ""]
+    for hw in sorted(c["hardware"].unique()) if not c.empty else []:
+        ch, rh, hs = c[c["hardware"] == hw], runs[runs["hardware"] == hw], slug(hw)
+        md += [f"## Measured: {hw}", ""]
+        for axis in AXES:
+            t = axis_table(ch, axis, hw)
+            if t is None:
+                md += [f"### {AXES[axis][1]}", "", f"_no records with config.{AXES[axis][0]} on this hardware_", ""]
+                continue
+            base = out / "tables" / hs / axis
+            base.parent.mkdir(parents=True, exist_ok=True)
+            mdt = table_markdown(t)
+            base.with_suffix(".md").write_text(f"# {t.title}\n\n{caption(t)}\n\n{mdt}")
+            base.with_suffix(".tex").write_text(table_latex(t))
+            wrote["tables"] += [base.with_suffix(".md"), base.with_suffix(".tex")]
+            md += [f"### {t.title}", "", caption(t), "", mdt,
+                   f"[Markdown]({_rel(base.with_suffix('.md'), out)}) · [LaTeX]({_rel(base.with_suffix('.tex'), out)})",
+                   ""]
+        md += ["### Figures", ""]
+        for name, title, fn in (("speed_vs_fid", "Speed vs FID, Pareto front dashed", lambda b: figures.speed_fid(ch, b)),
+                                ("fid_vs_steps", "FID vs MAR steps per family", lambda b: figures.fid_steps(rh, ch, b)),
+                                ("stage_times", "Time per stage", lambda b: figures.stages(ch, b))):
+            try:
+                paths = fn(out / "figures" / hs / name)
+            except Exception as e:  # a plotting failure must not cost the rest of the report
+                figures.close_all()
+                log(f"figure {name} ({hw}) skipped: {type(e).__name__}: {e}")
+                paths = None
+            if not paths:
+                md += [f"_{title}: no data_", ""]
+                continue
+            wrote["figures"] += paths
+            md += [f"![{title}]({_rel(paths[0], out)})", "", f"{title} ([PDF]({_rel(paths[1], out)}))", ""]
+    grids = write_grid_pages(runs, results_dir, out)
+    wrote["grids"] = [p for _, p in grids]
+    if grids:
+        md += ["## Sample grids", ""] + [f"- [{t}]({_rel(p, out)})" for t, p in grids] + [""]
+    if n_failed:
+        f = runs[runs["status"] == "failed"]
+        cols = ["family", *[k for k in ("steps", "cfg", "discrete_model") if k in f], "seed", "hardware", "error", "file"]
+        md += ["## Failed runs (not in the tables)", "", md_table(f[cols].map(value_text))]
+    if problems:
+        md += ["## Malformed records (skipped)", ""] + [f"- `{p}`" for p in problems] + [""]
+    md += published_md(published_path)
+    (out / "report.md").write_text("\n".join(md))
+    for page in [out / "report.md", *wrote["grids"], *[p for p in wrote["tables"] if p.suffix == ".md"]]:
+        page.with_suffix(".html").write_text(md_to_html(page.read_text(), title=page.stem))
+    return wrote
+
+
+def published_md(path: Path) -> list[str]:
+    out = ["## Published numbers (papers and repositories; NOT measured by this harness)", "",
+           "ImageNet 256x256 numbers as stated by the sources below (reference facts recorded in the team's "
+           f"DESIGN.md section 3). Kept apart from every measured row above. Data: `{path.name}`.", ""]
+    pub, err = load_published(path)
+    if pub is None:
+        return out + [f"_{err}_", ""]
+    out += [md_table(pub.replace("", None)),
+            "D2C (arXiv 2503.17155): no numbers are recorded in DESIGN.md, so none are listed.", ""]
+    return out
+
+
+def md_to_html(text: str, title: str = "report") -> str:
+    """The report's Markdown as one HTML page (Python-Markdown with tables); links to .md pages
+    point at their .html twins."""
+    import markdown
+    from markdown.extensions import Extension
+    from markdown.treeprocessors import Treeprocessor
+
+    class MdLinksToHtml(Treeprocessor):
+        def run(self, root):
+            for a in root.iter("a"):
+                href = a.get("href", "")
+                if href.endswith(".md"):
+                    a.set("href", href[:-3] + ".html")
+
+    class Links(Extension):
+        def extendMarkdown(self, md):
+            md.treeprocessors.register(MdLinksToHtml(md), "md_links_to_html", 0)
+
+    body = markdown.markdown(text, extensions=["tables", Links()], output_format="html")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;"
+             "text-align:right}img{max-width:100%}")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + body + "\n</body></html>\n")
