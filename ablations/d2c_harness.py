@@ -59,6 +59,7 @@ class RunConfig:
     discrete_model: Optional[str] = None     # stage-1 size preset (gpt_*); None: the recipe's
     steps: int = 16                          # MAR iterations
     diffusion_steps: Optional[int] = None    # respaced DDPM steps of the head; None: the preset's
+    head_sampler: str = "ddpm"               # the head's reverse process: ddpm (MAR's) | ddim (eta 0)
     cfg: float = 3.0                         # classifier-free guidance scale (MAR-B: 2.9, LlamaGen-B: 2.0)
     temperature: float = 1.0
     num_images: int = 200                    # images sampled and measured per cell (15-min CPU budget)
@@ -73,10 +74,12 @@ class RunConfig:
     fault: Optional[str] = None              # test hook: raise | exit | raise_if_seed_mod5
 
 
-AXES = ("model", "fusion", "discrete_model", "steps", "diffusion_steps", "cfg", "temperature",
-        "num_images", "data", "seed")
 KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
 NOT_IN_CELL_ID = ("results_dir", "device", "threads")   # where it runs, not what it computes
+# axes added after records existed: at their off value (or null: not applicable) they stay out of
+# the cell id, so a new axis never reruns a finished cell
+OFF_VALUES = {"head_sampler": "ddpm"}
+HEAD_SAMPLERS = ("ddpm", "ddim")
 
 
 def _int_min(lo: int):
@@ -101,6 +104,7 @@ RULES = {
     "num_images": (_int_min(1), "integers >= 1"),
     "batch_size": (_int_min(1), "integers >= 1"),
     "diffusion_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
+    "head_sampler": (lambda v: v in HEAD_SAMPLERS, ", ".join(HEAD_SAMPLERS)),
     "train_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "threads": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "seed": (_int_min(0), "integers >= 0"),
@@ -190,7 +194,7 @@ def resolve(config) -> dict:
     # axes that do not apply to a model: null, so such cells are one cell
     model = c["model"]
     if model == "llamagen":
-        c["steps"] = c["diffusion_steps"] = None
+        c["steps"] = c["diffusion_steps"] = c["head_sampler"] = None
     if model == "mar":
         c["discrete_model"] = None
     elif c["discrete_model"] is None:
@@ -286,7 +290,8 @@ def build_recipe(c: dict):
 def keys(c: dict) -> tuple[str, str]:
     """(cell_id, train_key) of a resolved config."""
     from d2c.pipeline import mar_config
-    cell = {k: v for k, v in c.items() if k not in NOT_IN_CELL_ID}
+    cell = {k: v for k, v in c.items()
+            if k not in NOT_IN_CELL_ID and not (k in OFF_VALUES and v in (OFF_VALUES[k], None))}
     recipe = build_recipe(c)
     fam = family_of(c)
     # every recipe stage the family depends on (gpt: llamagen and d2c; mar*: mar and d2c, incl.
@@ -305,8 +310,9 @@ def describe(c: dict) -> str:
         parts.append(f"fusion={c['fusion']}")
     if c["steps"] is not None:
         parts.append(f"steps={c['steps']}")
-    for k, d in (("diffusion_steps", None), ("cfg", 1.0), ("temperature", 1.0), ("seed", 0)):
-        if c[k] != d:
+    for k, d in (("diffusion_steps", None), ("head_sampler", "ddpm"), ("cfg", 1.0), ("temperature", 1.0),
+                 ("seed", 0)):
+        if c[k] not in (d, None):
             parts.append(f"{k}={c[k]}")
     return " ".join(parts)
 
@@ -497,7 +503,7 @@ def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
             return {}
         r = evaluate(pipe, fam, steps=c["steps"], num_images=c["num_images"], batch_size=c["batch_size"],
                      cfg=c["cfg"], temperature=c["temperature"], diffusion_steps=c["diffusion_steps"],
-                     seed=c["seed"], progress=False)
+                     head_sampler=c["head_sampler"], seed=c["seed"], progress=False)
         imgs = r["images"]
         from d2c.results import check_cell_id, safe_subdir
         grid = safe_subdir(results, "grids") / f"{check_cell_id(cell_id)}.png"

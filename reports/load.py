@@ -31,6 +31,7 @@ AXES = {
     "fusion": ("fusion", "Fusion type", ("llamagen",)),
     "discrete_model": ("discrete_model", "Discrete model size", ("mar",)),
     "steps": ("steps", "MAR steps", ("llamagen",)),
+    "head_sampler": ("head_sampler", "Head sampler", ("llamagen",)),
     "cfg": ("cfg", "CFG scale", ()),
 }
 SIZE_ORDER = ("tiny", "xs", "s", "small", "b", "base", "m", "medium", "l", "large", "xl", "xxl", "h", "huge")

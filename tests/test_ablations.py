@@ -172,6 +172,7 @@ _bad_value = st.one_of(
     st.tuples(st.just("cfg"), st.floats(-10, -0.01).map(str)),
     st.tuples(st.just("seed"), st.integers(-100, -1).map(str)),
     st.tuples(st.just("recipe"), _word.filter(lambda w: w not in H.RECIPES)),
+    st.tuples(st.just("head_sampler"), _word.filter(lambda w: w not in H.HEAD_SAMPLERS)),
     st.tuples(st.sampled_from(("model=mar", "model=llamagen")).map(lambda m: "fusion"),
               st.sampled_from(("cross_attn", "qformer"))),
 )
@@ -234,6 +235,23 @@ def test_plan_keys_sampling_axes_share_train_key():
     fams = sorted(H.family_of(c["config"]).name for c in default)
     assert fams == sorted(["llamagen", "mar", "mar", "d2c_cross_attn", "d2c_cross_attn", "d2c_qformer", "d2c_qformer"])
     assert len(llama) == 1 and llama[0]["config"]["steps"] is None  # steps do not apply: one cell
+
+
+def test_acceleration_axis_at_its_off_value_keeps_the_cell_id():
+    """head_sampler=ddpm (today's sampler) is the cell that omits it, so finished cells stay
+    finished when an axis is added; ddim is a new cell on the same checkpoints; llamagen has no head."""
+    from hydra import initialize_config_dir
+    H.register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "ablations" / "conf"), version_base=None):
+        plain = H.plan(["model=mar", "steps=2", *TINY])
+        ddpm = H.plan(["model=mar", "steps=2", "head_sampler=ddpm", *TINY])
+        both = H.plan(["model=mar", "steps=2", "head_sampler=ddpm,ddim", *TINY])
+        llama = H.plan(["model=llamagen", "head_sampler=ddpm,ddim", *TINY])
+    assert [c["cell_id"] for c in ddpm] == [c["cell_id"] for c in plain]
+    assert len({c["cell_id"] for c in both}) == 2 and len({c["train_key"] for c in both}) == 1
+    assert {c["config"]["head_sampler"] for c in both} == {"ddpm", "ddim"}
+    assert sorted("head_sampler=ddim" in H.describe(c["config"]) for c in both) == [False, True]
+    assert len(llama) == 1 and llama[0]["config"]["head_sampler"] is None
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ def _rel_close(out, ref, rel=1e-4):
 
 
 @pytest.mark.slow
-def test_compiled_head_step_matches_eager_without_recompiles():
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_compiled_head_step_matches_eager_without_recompiles(sampler):
     from d2c.models.diffloss import DiffLoss
 
     torch._dynamo.reset()
@@ -31,8 +32,9 @@ def test_compiled_head_step_matches_eager_without_recompiles():
     with torch.inference_mode():
         for i, n in enumerate([13, 5, 9, 1]):                # MAR rounds reveal different counts
             zz = torch.cat([z[:n], z[13:13 + n]])
-            ref = dl.sample(zz, 0.9, 2.0, generator=torch.Generator().manual_seed(n))
-            out = dl.sample(zz, 0.9, 2.0, generator=torch.Generator().manual_seed(n), impl="compiled")
+            ref = dl.sample(zz, 0.9, 2.0, generator=torch.Generator().manual_seed(n), sampler=sampler)
+            out = dl.sample(zz, 0.9, 2.0, generator=torch.Generator().manual_seed(n), impl="compiled",
+                            sampler=sampler)
             _rel_close(out, ref)
             if i == 0:
                 after_first = _graphs()

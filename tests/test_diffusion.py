@@ -216,3 +216,66 @@ def test_fused_sampler_applies_clip_x0_like_eager():
         c = dl.sample(z, generator=torch.Generator().manual_seed(1), impl="eager")
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(a, c)
+
+
+def _ddim_reference(model, noise, respacing, clip=None):
+    """DDIM (Song et al. 2021, eq. 12, eta = 0) written out in float64 from alpha_bar alone, as
+    ADM's ddim_sample: eps recomputed from the (clipped) pred_x0, then
+    x_{t-1} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps."""
+    base = cosine_betas(T)
+    ab_all = torch.cumprod(1 - base, 0)
+    kept = space_timesteps(T, respacing) if respacing else list(range(T))
+    x = noise.double()
+    for i in reversed(range(len(kept))):
+        ab = ab_all[kept[i]]
+        ab_prev = ab_all[kept[i - 1]] if i > 0 else torch.tensor(1.0, dtype=torch.float64)
+        eps = model(x, torch.full((x.shape[0],), kept[i], dtype=torch.long))[:, :x.shape[1]]
+        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+    return x
+
+
+@pytest.mark.parametrize("respacing,clip", [("", None), ("25", None), ("25", 0.5), ("ddim10", None)])
+def test_ddim_matches_float64_reference(respacing, clip):
+    """The ddim sampler (DDPM's step with DDIM's mean coefficients, no noise) equals DDIM written
+    out from alpha_bar, on the full 1000-step schedule and respaced ones, with and without clip."""
+    d = create_diffusion(respacing)
+    noise = torch.randn(64, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    out = d.p_sample_loop(_fixed_model, noise, sampler="ddim", clip_x0=clip)
+    ref = _ddim_reference(_fixed_model, noise, respacing, clip)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    ddpm = d.p_sample_loop(_fixed_model, noise, generator=torch.Generator().manual_seed(0), clip_x0=clip)
+    assert (out - ddpm).abs().max() > 1e-3           # a different sampler, not the ancestral one
+
+
+def test_ddim_is_deterministic_draws_nothing_and_ignores_temperature():
+    d = create_diffusion("20")
+    noise = torch.randn(32, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    a = d.p_sample_loop(_fixed_model, noise, sampler="ddim", generator=g, temperature=0.5)
+    assert torch.equal(g.get_state(), state)          # no noise drawn after x_T
+    b = d.p_sample_loop(_fixed_model, noise, sampler="ddim", generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="head_sampler='euler'; allowed: ddpm, ddim"):
+        d.p_sample_loop(_fixed_model, noise, sampler="euler")
+
+
+@pytest.mark.parametrize("respacing", ["50", "ddim20"])
+def test_ddim_maps_the_prior_to_gaussian_data_with_exact_eps(respacing):
+    """With the exact eps of x0 ~ N(mu, s^2) the DDIM ODE carries N(0, 1) to the data distribution."""
+    base, d = create_diffusion(""), create_diffusion(respacing)
+    mu, s = 0.5, 0.3
+
+    def exact(x, ts):
+        ab = base.alphas_cumprod[ts][:, None]
+        eps = (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * s * s + 1 - ab)
+        return torch.cat([eps, -torch.ones_like(x)], 1)
+
+    x = d.p_sample_loop(exact, torch.randn(20000, 1, generator=torch.Generator().manual_seed(0),
+                                           dtype=torch.float64), sampler="ddim")
+    assert abs(x.mean().item() - mu) < 0.02
+    assert abs(x.std().item() - s) < 0.03

@@ -214,13 +214,15 @@ def test_head_dispatch_and_packed_cache(monkeypatch):
     assert head_sampling.packed_head(dl) is not pk               # an in-place update rebuilds it
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 @pytest.mark.parametrize("guided", [False, True])
-def test_fused_sampler_matches_eager(guided):
+def test_fused_sampler_matches_eager(guided, sampler):
     dl = _random_head()
     z = torch.randn(10 if guided else 5, 16)
     cfg = 2.5 if guided else 1.0
     with torch.inference_mode():
-        ref = dl.sample(z, 0.9, cfg, generator=torch.Generator().manual_seed(5), guided=guided)
-        out = dl.sample(z, 0.9, cfg, generator=torch.Generator().manual_seed(5), guided=guided, impl="fused")
+        ref = dl.sample(z, 0.9, cfg, generator=torch.Generator().manual_seed(5), guided=guided, sampler=sampler)
+        out = dl.sample(z, 0.9, cfg, generator=torch.Generator().manual_seed(5), guided=guided, impl="fused",
+                        sampler=sampler)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)

@@ -34,7 +34,7 @@ def record(family="d2c_qformer", steps=16, cfg=2.0, seed=0, fid=10.0, gpu=GPU, s
         "schema": 1, "cell_id": cid, "train_key": "tk", "status": status, "error": None, "family": family,
         "config": {"model": "llamagen" if family == "llamagen" else family.split("_")[0], "fusion": FUSION[family],
                    "discrete_model": None if family == "mar" else "gpt_tiny", "steps": steps,
-                   "diffusion_steps": 50, "cfg": cfg, "temperature": 1.0, "num_images": 100,
+                   "diffusion_steps": 50, "head_sampler": "ddpm", "cfg": cfg, "temperature": 1.0, "num_images": 100,
                    "data": {"name": "shapes", "root": None, "image_size": None, "num_images": 10000, "seed": 0,
                             "on_bad": "skip"},
                    "seed": seed, "recipe": "small", "train_steps": None, "batch_size": 100,
@@ -52,7 +52,7 @@ def record(family="d2c_qformer", steps=16, cfg=2.0, seed=0, fid=10.0, gpu=GPU, s
         "started_at": "2025-01-02T03:04:05+00:00", "finished_at": "2025-01-02T03:09:05+00:00",
     }
     if family == "llamagen":  # as the harness resolves it: no MAR steps, no diffusion head
-        rec["config"]["steps"] = rec["config"]["diffusion_steps"] = None
+        rec["config"]["steps"] = rec["config"]["diffusion_steps"] = rec["config"]["head_sampler"] = None
     if status == "failed":
         rec["error"], rec["metrics"] = "RuntimeError: boom", {}
     rec.update(kw)

@@ -13,7 +13,10 @@ The math follows DDPM (Ho et al. 2020) with IDDPM's improvements (Nichol & Dhari
     beta'_i = 1 - alpha_bar[S_i] / alpha_bar[S_{i-1}] (IDDPM sec. 4); the network still sees the
     original timestep index.
 Reverse sampling is ancestral DDPM: x_{t-1} = mu + temperature * exp(0.5 log Sigma) * z, no
-noise at the final step, every draw from the caller's `torch.Generator`.
+noise at the final step, every draw from the caller's `torch.Generator`; or deterministic DDIM
+(Song et al. 2021, eq. 12 with eta = 0) on the same respaced steps:
+    x_{t-1} = sqrt(ab_{t-1}) x0 + sqrt(1 - ab_{t-1}) eps',  eps' = (x_t / sqrt(ab_t) - x0) / sqrt(1/ab_t - 1)
+which is linear in (x0, x_t), so it is the DDPM step with other mean coefficients and no noise.
 
 Schedule arrays live on the CPU in float64 (attributes named as in IDDPM/ADM), so tests can
 compare them to closed forms; copies per device/dtype are cached for the hot loop.
@@ -113,7 +116,7 @@ class GaussianDiffusion:
     _ARRAYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-               "posterior_mean_coef1", "posterior_mean_coef2", "log_betas")
+               "posterior_mean_coef1", "posterior_mean_coef2", "log_betas", "ddim_coef1", "ddim_coef2")
 
     def __init__(self, betas: torch.Tensor, timestep_map: Iterable[int] | None = None):
         b = torch.as_tensor(betas, dtype=torch.float64, device=_CPU)
@@ -141,6 +144,9 @@ class GaussianDiffusion:
             else torch.log(b)
         self.posterior_mean_coef1 = b * acp.sqrt() / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - acp) * alphas.sqrt() / (1.0 - ac)
+        # DDIM (eta = 0): x_{t-1} = sqrt(abp) x0 + sqrt(1 - abp) (sqrt(1/ab) x_t - x0) / sqrt(1/ab - 1)
+        self.ddim_coef1 = acp.sqrt() - (1.0 - acp).sqrt() / self.sqrt_recipm1_alphas_cumprod
+        self.ddim_coef2 = (1.0 - acp).sqrt() * self.sqrt_recip_alphas_cumprod / self.sqrt_recipm1_alphas_cumprod
         self._cache: dict = {}
 
     # -- coefficient lookup: arr[t] broadcast to x's rank, float32 (float64 for float64 x)
@@ -174,9 +180,10 @@ class GaussianDiffusion:
         return mean, self._coef("posterior_variance", t, xt), self._coef("posterior_log_variance_clipped", t, xt)
 
     # -- reverse process from a model output
-    def step_coefs(self, t: torch.Tensor, x: torch.Tensor) -> tuple:
-        """The STEP_COEFS arrays at t, broadcastable to x (what `p_mean_variance` needs)."""
-        return tuple(self._coef(name, t, x) for name in STEP_COEFS)
+    def step_coefs(self, t: torch.Tensor, x: torch.Tensor, sampler: str = "ddpm") -> tuple:
+        """The step coefficients of `sampler` at t, broadcastable to x (what `p_mean_variance`
+        needs): STEP_COEFS for ddpm, SAMPLERS[sampler] in general."""
+        return tuple(self._coef(name, t, x) for name in SAMPLERS[sampler])
 
     def p_mean_variance(self, out, x, t, clip_x0: float | None = None):
         """(mean, log_variance, pred_x0) of p(x_{t-1} | x_t) for out = [eps, v]; see
@@ -205,16 +212,21 @@ class GaussianDiffusion:
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     def p_sample(self, model_fn: Callable, x, t, *, temperature: float = 1.0, generator=None,
-                 clip_x0: float | None = None):
-        """One ancestral step x_t -> x_{t-1}; the noise std is multiplied by `temperature`."""
+                 clip_x0: float | None = None, sampler: str = "ddpm"):
+        """One reverse step x_t -> x_{t-1}: ancestral (ddpm; the noise std is multiplied by
+        `temperature`) or deterministic (ddim: no noise drawn, temperature has no effect)."""
         out = model_fn(x, self._model_t(t))
+        if sampler == "ddim":
+            return reverse_step(out, x, self.step_coefs(t, x, sampler), torch.zeros_like(x), 0.0, clip_x0, 0.0)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))   # no noise at the last step
         return reverse_step(out, x, self.step_coefs(t, x), noise, temperature, clip_x0, nonzero)
 
     def p_sample_loop(self, model_fn: Callable, noise, *, temperature: float = 1.0, generator=None,
-                      progress: bool = False, clip_x0: float | None = None):
-        """Run all `num_timesteps` reverse steps from x_T = noise."""
+                      progress: bool = False, clip_x0: float | None = None, sampler: str = "ddpm"):
+        """Run all `num_timesteps` reverse steps from x_T = noise with `sampler` (ddpm | ddim)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"head_sampler={sampler!r}; allowed: {', '.join(SAMPLERS)}")
         x = noise
         steps = range(self.num_timesteps - 1, -1, -1)
         if progress:
@@ -222,7 +234,8 @@ class GaussianDiffusion:
             steps = tqdm(steps, leave=False)
         for i in steps:
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-            x = self.p_sample(model_fn, x, t, temperature=temperature, generator=generator, clip_x0=clip_x0)
+            x = self.p_sample(model_fn, x, t, temperature=temperature, generator=generator, clip_x0=clip_x0,
+                              sampler=sampler)
         return x
 
 
@@ -230,6 +243,9 @@ class GaussianDiffusion:
 # Coefficients of one step, in the order p_mean_variance_from takes them (IDDPM / ADM names).
 STEP_COEFS = ("posterior_log_variance_clipped", "log_betas", "sqrt_recip_alphas_cumprod",
               "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2")
+# sampler -> its coefficients in that order: DDIM swaps the mean's (x0, x_t) weights and runs
+# without noise (temperature 0), so every fast path runs it unchanged
+SAMPLERS = {"ddpm": STEP_COEFS, "ddim": STEP_COEFS[:4] + ("ddim_coef1", "ddim_coef2")}
 
 
 def p_mean_variance_from(out, x, coefs, clip_x0=None):

@@ -8,7 +8,9 @@
             and replayed every step, so a step costs one launch (compiled off CUDA).
 All of them run d2c.diffusion.reverse_step and cfg_output, the eager sampler's math, and draw
 the same noise from the caller's generator in the same order (x_T, then one (n, C) draw per
-step, outside any graph), so a seed gives the same tokens up to float reassociation.
+step, outside any graph), so a seed gives the same tokens up to float reassociation.  DDIM
+(sampler="ddim") is the same step on its own coefficient table with temperature 0 and no draws
+after x_T.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from d2c.diffusion import STEP_COEFS, cfg_output, reverse_step
+from d2c.diffusion import SAMPLERS, STEP_COEFS, cfg_output, reverse_step
 from d2c.kernels import adaln_mlp
 from d2c.precision import accum_dtype
 
@@ -36,13 +38,14 @@ def packed_head(dl) -> adaln_mlp.PackedHead:
     return pk
 
 
-def _step_tables(dl, diffusion, device, dtype):
-    """(6, T) STEP_COEFS rows and the (T,) timestep map on the device, cached per diffusion."""
+def _step_tables(dl, diffusion, device, dtype, sampler: str = "ddpm"):
+    """(6, T) rows of the sampler's coefficients (SAMPLERS, in STEP_COEFS order) and the (T,)
+    timestep map on the device, cached per diffusion."""
     cache = dl.__dict__.setdefault("_tables", {})
-    key = (id(diffusion), device, dtype)
+    key = (id(diffusion), device, dtype, sampler)
     if key not in cache:
         with torch.inference_mode(False):
-            tab = torch.stack([getattr(diffusion, k) for k in STEP_COEFS]).to(device=device, dtype=dtype)
+            tab = torch.stack([getattr(diffusion, k) for k in SAMPLERS[sampler]]).to(device=device, dtype=dtype)
             tmap = diffusion.timestep_map.to(device)
         cache[key] = (diffusion, tab, tmap)          # keeps diffusion alive: id stays unique
     return cache[key][1], cache[key][2]
@@ -86,7 +89,8 @@ def _compiled_step():
     return _COMPILED
 
 
-def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, impl: str, progress: bool):
+def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, impl: str, progress: bool,
+           sampler: str = "ddpm"):
     """DiffLoss `dl`'s reverse chain through a fast path; returns the N sampled rows (the
     conditional ones when guided)."""
     device = z.device
@@ -96,13 +100,14 @@ def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, im
     dtype = accum_dtype(z.dtype)
     packed = packed_head(dl)
     backend = adaln_mlp.resolve_head_backend(device)
-    tab, tmap = _step_tables(dl, diffusion, device, dtype)
+    tab, tmap = _step_tables(dl, diffusion, device, dtype, sampler)
+    ddim = sampler == "ddim"
     n = z.shape[0] // 2 if guided else z.shape[0]
     c = dl.in_channels
     c_emb = dl.net.cond_embed(z)
     x = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
     cfg_t = torch.full((), float(cfg), device=device, dtype=dtype)
-    temp_t = torch.full((), float(temperature), device=device, dtype=dtype)
+    temp_t = torch.full((), 0.0 if ddim else float(temperature), device=device, dtype=dtype)
     clip_t = torch.full((), float(dl.clip_x0 or math.inf), device=device, dtype=dtype)
     steps = range(diffusion.num_timesteps - 1, -1, -1)
     if progress:
@@ -110,8 +115,10 @@ def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, im
         steps = tqdm(steps, leave=False)
 
     if impl == "fused":
+        noise = torch.zeros((n, c), device=device, dtype=dtype)
         for i in steps:
-            noise = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
+            if not ddim:
+                noise = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
             i_t = torch.full((1,), i, dtype=torch.long, device=device)
             x = fused_step(packed, x, i_t, noise, c_emb, cfg_t, temp_t, clip_t, tab, tmap, guided, backend)
         return x
@@ -133,7 +140,8 @@ def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, im
         torch._dynamo.mark_dynamic(cp, 0)
         torch._dynamo.mark_dynamic(noise_p, 0)
         for i in steps:
-            noise_p[:n] = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
+            if not ddim:
+                noise_p[:n] = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
             i_t = torch.full((1,), i, dtype=torch.long, device=device)
             xp = fn(packed, xp, i_t, noise_p, cp, cfg_t, temp_t, clip_t, tab, tmap, guided, backend)
         return xp[:n].clone()
@@ -150,7 +158,8 @@ def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, im
     g.clip.copy_(clip_t)
     g.noise.zero_()
     for i in steps:
-        g.noise[:n].copy_(torch.randn((n, c), generator=generator, device=device, dtype=dtype))
+        if not ddim:
+            g.noise[:n].copy_(torch.randn((n, c), generator=generator, device=device, dtype=dtype))
         g.i.fill_(i)
         g.graph.replay()
         g.x.copy_(g.out)

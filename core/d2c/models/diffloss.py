@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from d2c.diffusion import GaussianDiffusion, cfg_output, create_diffusion
+from d2c.diffusion import SAMPLERS, GaussianDiffusion, cfg_output, create_diffusion
 from d2c.kernels import head_sampling
 from d2c.precision import accum_dtype
 
@@ -151,20 +151,25 @@ class DiffLoss(nn.Module):
 
     def sample(self, z, temperature: float = 1.0, cfg: float = 1.0, *, generator=None,
                diffusion_steps: int | None = None, guided: bool | None = None, progress: bool = False,
-               impl: str | None = None):
+               impl: str | None = None, sampler: str = "ddpm"):
         """Sample tokens (N, C) for conditions z (N, D).
 
         Guided (default when cfg != 1): z = [z_cond; z_uncond] (N = 2M); both halves run on the
         same x_t and eps = eps_u + cfg (eps_c - eps_u) at every step; the variance comes from
         the conditional half.  The result has N rows, the two halves identical (MAR's layout).
         `impl`: eager (default `self.sample_impl`), or a fast path of d2c.kernels.head_sampling.
+        `sampler`: ddpm (ancestral, MAR's) or ddim (eta 0: deterministic given x_T; temperature
+        then has no effect), both on the respaced `diffusion_steps`.
         """
         guided = (cfg != 1.0) if guided is None else guided
         impl = impl or self.sample_impl
         if impl not in head_sampling.IMPLS:
             raise ValueError(f"DiffLoss impl {impl!r}; allowed: {', '.join(head_sampling.IMPLS)}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"head_sampler={sampler!r}; allowed: {', '.join(SAMPLERS)}")
         if impl != "eager":
-            x = head_sampling.sample(self, z, temperature, cfg, generator, diffusion_steps, guided, impl, progress)
+            x = head_sampling.sample(self, z, temperature, cfg, generator, diffusion_steps, guided, impl, progress,
+                                     sampler)
             return torch.cat([x, x]) if guided else x
         diffusion = self.gen_diffusion(diffusion_steps)
         c_emb = self.net.cond_embed(z)                 # constant over the reverse steps
@@ -178,5 +183,5 @@ class DiffLoss(nn.Module):
 
         noise = torch.randn((n, self.in_channels), generator=generator, device=z.device, dtype=accum_dtype(z.dtype))
         x = diffusion.p_sample_loop(model_fn, noise, temperature=temperature, generator=generator,
-                                    progress=progress, clip_x0=self.clip_x0)
+                                    progress=progress, clip_x0=self.clip_x0, sampler=sampler)
         return torch.cat([x, x]) if guided else x

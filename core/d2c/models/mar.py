@@ -240,7 +240,7 @@ class MAR(nn.Module):
     @torch.inference_mode()
     def sample_tokens(self, labels, *, steps: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                       temperature: float = 1.0, codes=None, generator=None, diffusion_steps=None,
-                      progress: bool = False, compile: bool = False):
+                      head_sampler: str = "ddpm", progress: bool = False, compile: bool = False):
         """MAR's sampler (Li et al. 2024, sec. 3.4): `steps` rounds; each round runs the MAE
         encoder/decoder on the tokens known so far and samples, with the diffusion head, the tokens
         whose turn has come in a random order per sample.  The masked count after round k follows
@@ -252,7 +252,8 @@ class MAR(nn.Module):
         labels (B,) long; codes (B, seq_len) stage-1 codes (required by fusion models).  All
         randomness comes from `generator` (on the model's device), so a seed reproduces the output.
         Returns (latents (B, C, h, w), {"mar_steps", "diffusion_steps"}): diffusion_steps counts
-        every reverse step run by the head (one batched head call per step).
+        every reverse step run by the head (one batched head call per step).  head_sampler: the
+        head's reverse process, ddpm (MAR's) or ddim (eta 0), see DiffLoss.sample.
         compile=True: the encoder/decoder under torch.compile (dynamic shapes) and the diffusion
         head's fused step compiled (CPU) or captured as a CUDA graph (GPU); same seed, same tokens
         up to float reassociation.
@@ -307,7 +308,8 @@ class MAR(nn.Module):
             if zc.shape[0]:
                 zz = torch.cat([zc, z[b:][to_pred]]) if guided else zc
                 x = self.diffloss.sample(zz, temperature, scale, generator=generator,
-                                          diffusion_steps=diffusion_steps, guided=guided, impl=head_impl)
+                                          diffusion_steps=diffusion_steps, guided=guided, impl=head_impl,
+                                          sampler=head_sampler)
                 tokens[to_pred] = x[:zc.shape[0]].to(tokens.dtype)
                 reverse_steps += diffusion_steps
             mask = mask_next
