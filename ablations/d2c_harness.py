@@ -533,18 +533,26 @@ def failed_record(cell: dict, error: str, env: dict | None = None) -> dict:
 # --------------------------------------------------------------------------- the summary
 
 
+# axes shown in the summary only when they differ between its cells
+SUMMARY_IF_VARIED = ("discrete_model", "diffusion_steps", "head_sampler", "num_images", "seed")
+
+
 def summary_table(records: list[dict]):
     import pandas as pd
+    configs = [r.get("config", {}) for r in records]
+    varied = [k for k in SUMMARY_IF_VARIED if len({repr(c.get(k)) for c in configs}) > 1]
     rows = []
-    for r in records:
-        c, m, s = r.get("config", {}), r.get("metrics") or {}, r.get("speed") or {}
+    for r, c in zip(records, configs):
+        m, s = r.get("metrics") or {}, r.get("speed") or {}
         rows.append({"cell": r["cell_id"][:8], "family": r["family"], "steps": c.get("steps"),
+                     **{k: c.get(k) for k in varied},
                      "cfg": c.get("cfg"), "temp": c.get("temperature"), "status": r["status"],
                      "fid": m.get("fid"), "is": m.get("is_mean"), "acc": m.get("class_accuracy"),
                      "img/s": s.get("images_per_second"), "error": r.get("error") or ""})
     df = pd.DataFrame(rows)
-    if not df.empty:
-        df["steps"] = df["steps"].astype("Int64")
+    for k in ("steps", "diffusion_steps", "num_images", "seed"):
+        if k in df:
+            df[k] = df[k].astype("Int64")
     return df
 
 

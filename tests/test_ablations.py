@@ -268,3 +268,16 @@ def test_default_comparison_tiny(tmp_path, feature_net):
     llama = next(r for r in recs if r["family"] == "llamagen")
     assert llama["speed"]["mar_steps"] == 0 and llama["speed"]["ar_steps"] > 0
     assert "7 ok, 0 failed of 7 cells" in p.stdout and f"grids: {rd / 'grids'}" in p.stdout
+
+
+def test_summary_shows_the_axes_that_differ_between_its_cells():
+    def rec(i, **config):
+        base = {"steps": 16, "cfg": 3.0, "temperature": 1.0, "diffusion_steps": None, "head_sampler": "ddpm", "seed": 0}
+        return {"cell_id": f"{i:08d}", "family": "mar", "status": "ok", "config": {**base, **config},
+                "metrics": {"fid": 10.0 + i}, "speed": {"images_per_second": 1.0}}
+    same = H.summary_table([rec(0), rec(1)])
+    assert "head_sampler" not in same and "diffusion_steps" not in same
+    df = H.summary_table([rec(0, head_sampler="ddim", diffusion_steps=10), rec(1), rec(2, diffusion_steps=25)])
+    assert df["head_sampler"].tolist() == ["ddim", "ddpm", "ddpm"]
+    assert df["diffusion_steps"].tolist()[::2] == [10, 25] and df["diffusion_steps"].isna().tolist() == [False, True, False]
+    assert list(df.columns[:5]) == ["cell", "family", "steps", "diffusion_steps", "head_sampler"]
