@@ -27,6 +27,7 @@ from d2c.checkpoint import stable_hash
 from d2c.cli import one_line
 from d2c.config import FUSIONS, MODELS, PRESETS, Family, TrainConfig, preset_kind
 from d2c.data.imagefolder import DataConfig, DataError, validate_data_config
+from d2c.results import ADDED_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = Path(__file__).resolve().parent
@@ -59,6 +60,8 @@ class RunConfig:
     discrete_model: Optional[str] = None     # stage-1 size preset (gpt_*); None: the recipe's
     steps: int = 16                          # MAR iterations
     diffusion_steps: Optional[int] = None    # respaced DDPM steps of the head; None: the preset's
+    diffusion_steps_last: Optional[int] = None   # head steps fall linearly to this by the last MAR
+                                                 # iteration (DiSA); None: diffusion_steps throughout
     head_sampler: str = "ddpm"               # the head's reverse process: ddpm (MAR's) | ddim (eta 0)
     cfg: float = 3.0                         # classifier-free guidance scale (MAR-B: 2.9, LlamaGen-B: 2.0)
     temperature: float = 1.0
@@ -77,8 +80,8 @@ class RunConfig:
 KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
 NOT_IN_CELL_ID = ("results_dir", "device", "threads")   # where it runs, not what it computes
 # axes added after records existed: at their off value (or null: not applicable) they stay out of
-# the cell id, so a new axis never reruns a finished cell
-OFF_VALUES = {"head_sampler": "ddpm"}
+# the cell id, so a new axis never reruns a finished cell (d2c.results reads older records so)
+OFF_VALUES = ADDED_KEYS
 HEAD_SAMPLERS = ("ddpm", "ddim")
 
 
@@ -104,6 +107,7 @@ RULES = {
     "num_images": (_int_min(1), "integers >= 1"),
     "batch_size": (_int_min(1), "integers >= 1"),
     "diffusion_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
+    "diffusion_steps_last": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "head_sampler": (lambda v: v in HEAD_SAMPLERS, ", ".join(HEAD_SAMPLERS)),
     "train_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "threads": (_or_null(_int_min(1)), "integers >= 1 or null"),
@@ -194,7 +198,7 @@ def resolve(config) -> dict:
     # axes that do not apply to a model: null, so such cells are one cell
     model = c["model"]
     if model == "llamagen":
-        c["steps"] = c["diffusion_steps"] = c["head_sampler"] = None
+        c["steps"] = c["diffusion_steps"] = c["diffusion_steps_last"] = c["head_sampler"] = None
     if model == "mar":
         c["discrete_model"] = None
     elif c["discrete_model"] is None:
@@ -310,8 +314,8 @@ def describe(c: dict) -> str:
         parts.append(f"fusion={c['fusion']}")
     if c["steps"] is not None:
         parts.append(f"steps={c['steps']}")
-    for k, d in (("diffusion_steps", None), ("head_sampler", "ddpm"), ("cfg", 1.0), ("temperature", 1.0),
-                 ("seed", 0)):
+    for k, d in (("diffusion_steps", None), ("diffusion_steps_last", None), ("head_sampler", "ddpm"),
+                 ("cfg", 1.0), ("temperature", 1.0), ("seed", 0)):
         if c[k] not in (d, None):
             parts.append(f"{k}={c[k]}")
     return " ".join(parts)
@@ -503,7 +507,8 @@ def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
             return {}
         r = evaluate(pipe, fam, steps=c["steps"], num_images=c["num_images"], batch_size=c["batch_size"],
                      cfg=c["cfg"], temperature=c["temperature"], diffusion_steps=c["diffusion_steps"],
-                     head_sampler=c["head_sampler"], seed=c["seed"], progress=False)
+                     diffusion_steps_last=c["diffusion_steps_last"], head_sampler=c["head_sampler"],
+                     seed=c["seed"], progress=False)
         imgs = r["images"]
         from d2c.results import check_cell_id, safe_subdir
         grid = safe_subdir(results, "grids") / f"{check_cell_id(cell_id)}.png"
@@ -534,7 +539,8 @@ def failed_record(cell: dict, error: str, env: dict | None = None) -> dict:
 
 
 # axes shown in the summary only when they differ between its cells
-SUMMARY_IF_VARIED = ("discrete_model", "diffusion_steps", "head_sampler", "num_images", "seed")
+SUMMARY_IF_VARIED = ("discrete_model", "diffusion_steps", "diffusion_steps_last", "head_sampler", "num_images",
+                     "seed")
 
 
 def summary_table(records: list[dict]):
@@ -550,7 +556,7 @@ def summary_table(records: list[dict]):
                      "fid": m.get("fid"), "is": m.get("is_mean"), "acc": m.get("class_accuracy"),
                      "img/s": s.get("images_per_second"), "error": r.get("error") or ""})
     df = pd.DataFrame(rows)
-    for k in ("steps", "diffusion_steps", "num_images", "seed"):
+    for k in ("steps", "diffusion_steps", "diffusion_steps_last", "num_images", "seed"):
         if k in df:
             df[k] = df[k].astype("Int64")
     return df

@@ -173,6 +173,7 @@ _bad_value = st.one_of(
     st.tuples(st.just("seed"), st.integers(-100, -1).map(str)),
     st.tuples(st.just("recipe"), _word.filter(lambda w: w not in H.RECIPES)),
     st.tuples(st.just("head_sampler"), _word.filter(lambda w: w not in H.HEAD_SAMPLERS)),
+    st.tuples(st.just("diffusion_steps_last"), st.one_of(st.integers(-100, 0).map(str), st.just("1.5"))),
     st.tuples(st.sampled_from(("model=mar", "model=llamagen")).map(lambda m: "fusion"),
               st.sampled_from(("cross_attn", "qformer"))),
 )
@@ -238,8 +239,9 @@ def test_plan_keys_sampling_axes_share_train_key():
 
 
 def test_acceleration_axis_at_its_off_value_keeps_the_cell_id():
-    """head_sampler=ddpm (today's sampler) is the cell that omits it, so finished cells stay
-    finished when an axis is added; ddim is a new cell on the same checkpoints; llamagen has no head."""
+    """head_sampler=ddpm / diffusion_steps_last=null (today's sampler) is the cell that omits them,
+    so finished cells stay finished when an axis is added; other values are new cells on the same
+    checkpoints; llamagen has no head."""
     from hydra import initialize_config_dir
     H.register_configs()
     with initialize_config_dir(config_dir=str(REPO / "ablations" / "conf"), version_base=None):
@@ -247,11 +249,17 @@ def test_acceleration_axis_at_its_off_value_keeps_the_cell_id():
         ddpm = H.plan(["model=mar", "steps=2", "head_sampler=ddpm", *TINY])
         both = H.plan(["model=mar", "steps=2", "head_sampler=ddpm,ddim", *TINY])
         llama = H.plan(["model=llamagen", "head_sampler=ddpm,ddim", *TINY])
+        schedule = H.plan(["model=mar", "steps=2", "diffusion_steps=20", "diffusion_steps_last=null,5", *TINY])
+        constant = H.plan(["model=mar", "steps=2", "diffusion_steps=20", *TINY])
     assert [c["cell_id"] for c in ddpm] == [c["cell_id"] for c in plain]
     assert len({c["cell_id"] for c in both}) == 2 and len({c["train_key"] for c in both}) == 1
     assert {c["config"]["head_sampler"] for c in both} == {"ddpm", "ddim"}
     assert sorted("head_sampler=ddim" in H.describe(c["config"]) for c in both) == [False, True]
     assert len(llama) == 1 and llama[0]["config"]["head_sampler"] is None
+    assert llama[0]["config"]["diffusion_steps_last"] is None
+    by_last = {c["config"]["diffusion_steps_last"]: c for c in schedule}
+    assert set(by_last) == {None, 5} and by_last[None]["cell_id"] == constant[0]["cell_id"] != by_last[5]["cell_id"]
+    assert "diffusion_steps_last=5" in H.describe(by_last[5]["config"])
 
 
 @pytest.mark.slow

@@ -432,3 +432,33 @@ def test_timestep_embedding_is_cos_then_sin():
     assert torch.equal(e[0], torch.cat([torch.ones(128), torch.zeros(128)]))
     freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)
     torch.testing.assert_close(e[1], torch.cat([torch.cos(3 * freqs), torch.sin(3 * freqs)]))
+
+
+def test_diffusion_steps_fall_linearly_over_the_rounds_when_asked():
+    """diffusion_steps_last (DiSA): the head runs diffusion_steps in the first round, falling
+    linearly to diffusion_steps_last in the last; off (None), or equal to the first, it is
+    today's sampler bit for bit."""
+    m = _tiny()
+    seen = []
+    orig = m.diffloss.sample
+
+    def spy(z, temperature, cfg, **k):
+        seen.append(k["diffusion_steps"])
+        return orig(z, temperature, cfg, **k)
+
+    def run(**kw):
+        seen.clear()
+        lat, nfe = m.sample_tokens(torch.tensor([0, 1]), steps=5, cfg=2.0, diffusion_steps=9,
+                                   generator=torch.Generator().manual_seed(0), **kw)
+        return lat, nfe, list(seen)
+
+    m.diffloss.sample = spy
+    base, nfe, counts = run()
+    assert counts == [9] * 5 and nfe["diffusion_steps"] == 45
+    same, _, counts = run(diffusion_steps_last=9)
+    assert torch.equal(same, base) and counts == [9] * 5
+    falling, nfe, counts = run(diffusion_steps_last=1)
+    assert counts == [9, 7, 5, 3, 1] and nfe["diffusion_steps"] == 25
+    assert not torch.allclose(falling, base)
+    with pytest.raises(ValueError, match="diffusion_steps_last=0; allowed"):
+        run(diffusion_steps_last=0)

@@ -379,3 +379,22 @@ def test_md_to_html_subset():
     assert "<h1>T</h1>" in h and "<strong>b</strong>" in h and "<code>c</code>" in h
     assert '<a href="p.html">x</a>' in h and '<img alt="i" src="a%20b.png">' in h
     assert "<td>1 | 2</td>" in h and h.count("<li>") == 2
+
+
+def test_records_that_predate_an_axis_read_as_its_off_value(tmp_path):
+    """A record written before head_sampler / diffusion_steps_last existed reads as today's
+    sampler (null for LlamaGen, which has no head), so old and new records form one table."""
+    from d2c.results import ADDED_KEYS, read_record, record_path
+    old, llama, new = record(seed=1), record(family="llamagen", steps=None), record(seed=2)
+    for r in (old, llama):
+        for k in ADDED_KEYS:
+            r["config"].pop(k, None)
+    new["config"].update(head_sampler="ddim", diffusion_steps_last=5)
+    for r in (old, llama, new):
+        write_record(tmp_path, r)
+    got = {r["cell_id"]: read_record(record_path(tmp_path, r["cell_id"]))["config"] for r in (old, llama, new)}
+    assert (got[old["cell_id"]]["head_sampler"], got[old["cell_id"]]["diffusion_steps_last"]) == ("ddpm", None)
+    assert (got[llama["cell_id"]]["head_sampler"], got[llama["cell_id"]]["diffusion_steps_last"]) == (None, None)
+    assert (got[new["cell_id"]]["head_sampler"], got[new["cell_id"]]["diffusion_steps_last"]) == ("ddim", 5)
+    runs, problems = L.load(tmp_path)
+    assert not problems and sorted(runs["head_sampler"].fillna("-")) == ["-", "ddim", "ddpm"]

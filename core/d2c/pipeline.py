@@ -187,7 +187,8 @@ class Pipeline:
 
 def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_images: int = 1000, batch_size: int = 100,
              cfg: float = 1.0, temperature: float = 1.0, diffusion_steps: int | None = None, seed: int = 0,
-             head_sampler: str | None = "ddpm", progress: bool = True) -> dict:
+             diffusion_steps_last: int | None = None, head_sampler: str | None = "ddpm",
+             progress: bool = True) -> dict:
     """Sample `num_images` class-balanced images of a family and measure them: FID/IS/KID/PR
     (embedded feature net), class accuracy, and speed (per-stage seconds, NFEs, peak memory)."""
     from d2c.metrics import balanced_labels, class_accuracy, compute_metrics, speed_record
@@ -204,7 +205,8 @@ def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_imag
         it = tqdm(chunks, desc=f"sample {family.name} steps={steps}", dynamic_ncols=True)
     for i, lab in enumerate(it):
         res = d2c_sample(lab, seed=seed * 100_003 + i, steps=steps, cfg=cfg, temperature=temperature,
-                         diffusion_steps=diffusion_steps, head_sampler=head_sampler or "ddpm", **models)
+                         diffusion_steps=diffusion_steps, diffusion_steps_last=diffusion_steps_last,
+                         head_sampler=head_sampler or "ddpm", **models)
         images.append(res.images)
         for k, v in res.timings.items():
             timings[k] = timings.get(k, 0.0) + v

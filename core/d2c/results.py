@@ -18,7 +18,8 @@ Schema version 1 (`SCHEMA_VERSION`), keys of a record:
     error         str    one-line error of a failed run, else null
     family        str    llamagen | mar | d2c_cross_attn | d2c_qformer
     config        dict   the run's axes: model, fusion, discrete_model, steps, diffusion_steps, cfg,
-                         temperature, num_images, data, seed (+ anything else the harness resolves)
+                         temperature, num_images, data, seed (+ anything else the harness resolves);
+                         a key of ADDED_KEYS that a record predates reads as the value it implies
     metrics       dict   fid, is_mean, is_std, kid_mean, kid_std, precision, recall, class_accuracy
                          (floats; absent when not computed, e.g. for a failed run)
     speed         dict   d2c.metrics.speed_record: num_images, seconds_total, seconds_per_image,
@@ -48,6 +49,10 @@ from pathlib import Path
 from d2c.checkpoint import atomic_write_text, json_default, pid_alive
 
 SCHEMA_VERSION = 1
+# config keys added after schema-1 records existed -> the value an older record implies: today's
+# sampler, or null where the family has no diffusion head (its MAR steps are null).  The
+# harness keeps them out of the cell id at these values, so an older record is the same cell.
+ADDED_KEYS = {"head_sampler": "ddpm", "diffusion_steps_last": None}
 REQUIRED = ("schema", "cell_id", "status", "family", "config")
 STATUSES = ("ok", "failed")
 # one file-name component: no '/', no '\\', no leading '.' (so never '..', never a hidden temp name)
@@ -141,6 +146,10 @@ def check_record(rec, source: str = "record") -> dict:
     for k in ("config", "metrics", "speed"):
         if k in rec and rec[k] is not None and not isinstance(rec[k], dict):
             raise RecordError(f"{source}: {k} must be an object")
+    config = rec["config"]
+    if isinstance(config, dict):
+        for k, v in ADDED_KEYS.items():
+            config.setdefault(k, v if config.get("steps") is not None else None)
     return rec
 
 

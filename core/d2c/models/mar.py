@@ -240,7 +240,8 @@ class MAR(nn.Module):
     @torch.inference_mode()
     def sample_tokens(self, labels, *, steps: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                       temperature: float = 1.0, codes=None, generator=None, diffusion_steps=None,
-                      head_sampler: str = "ddpm", progress: bool = False, compile: bool = False):
+                      diffusion_steps_last: int | None = None, head_sampler: str = "ddpm",
+                      progress: bool = False, compile: bool = False):
         """MAR's sampler (Li et al. 2024, sec. 3.4): `steps` rounds; each round runs the MAE
         encoder/decoder on the tokens known so far and samples, with the diffusion head, the tokens
         whose turn has come in a random order per sample.  The masked count after round k follows
@@ -254,6 +255,9 @@ class MAR(nn.Module):
         Returns (latents (B, C, h, w), {"mar_steps", "diffusion_steps"}): diffusion_steps counts
         every reverse step run by the head (one batched head call per step).  head_sampler: the
         head's reverse process, ddpm (MAR's) or ddim (eta 0), see DiffLoss.sample.
+        diffusion_steps_last: the head's step count falls linearly over the rounds, from
+        `diffusion_steps` in the first to this in the last (DiSA, arXiv 2505.20297: later tokens
+        have sharper conditionals and need fewer steps); None: the same count every round.
         compile=True: the encoder/decoder under torch.compile (dynamic shapes) and the diffusion
         head's fused step compiled (CPU) or captured as a CUDA graph (GPU); same seed, same tokens
         up to float reassociation.
@@ -269,6 +273,8 @@ class MAR(nn.Module):
             codes = torch.as_tensor(codes, device=device).reshape(b, -1)
         guided = cfg != 1.0
         diffusion_steps = int(diffusion_steps or self.diffloss.diffusion_steps)
+        if diffusion_steps_last is not None and diffusion_steps_last < 1:
+            raise ValueError(f"diffusion_steps_last={diffusion_steps_last}; allowed: integers >= 1 or None")
 
         tokens = torch.zeros(b, L, c, device=device)
         mask = torch.ones(b, L, dtype=torch.bool, device=device)
@@ -304,14 +310,17 @@ class MAR(nn.Module):
                 to_pred = mask & ~mask_next
             scale = 1 + (cfg - 1) * (L - n_next) / L if cfg_schedule == "linear" else cfg
 
+            n_diff = diffusion_steps if diffusion_steps_last is None or steps == 1 else \
+                round(diffusion_steps + (diffusion_steps_last - diffusion_steps) * step / (steps - 1))
+
             zc = z[:b][to_pred]                                        # row-major: matches tokens[to_pred]
             if zc.shape[0]:
                 zz = torch.cat([zc, z[b:][to_pred]]) if guided else zc
                 x = self.diffloss.sample(zz, temperature, scale, generator=generator,
-                                          diffusion_steps=diffusion_steps, guided=guided, impl=head_impl,
+                                          diffusion_steps=n_diff, guided=guided, impl=head_impl,
                                           sampler=head_sampler)
                 tokens[to_pred] = x[:zc.shape[0]].to(tokens.dtype)
-                reverse_steps += diffusion_steps
+                reverse_steps += n_diff
             mask = mask_next
             n_masked = 0 if step == steps - 1 else n_next
         return self.unpatchify(tokens), {"mar_steps": steps, "diffusion_steps": reverse_steps}
