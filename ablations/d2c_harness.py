@@ -27,6 +27,7 @@ from d2c.checkpoint import stable_hash
 from d2c.cli import one_line
 from d2c.config import FUSIONS, MODELS, PRESETS, Family, TrainConfig, preset_kind
 from d2c.data.imagefolder import DataConfig, DataError, validate_data_config
+from d2c.precision import SAMPLING_PRECISIONS
 from d2c.results import ADDED_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +64,7 @@ class RunConfig:
     diffusion_steps_last: Optional[int] = None   # head steps fall linearly to this by the last MAR
                                                  # iteration (DiSA); None: diffusion_steps throughout
     head_sampler: str = "ddpm"               # the head's reverse process: ddpm (MAR's) | ddim (eta 0)
+    precision: str = "fp32"                  # sampling compute dtype: fp32 | bf16 | auto (d2c.precision)
     cfg: float = 3.0                         # classifier-free guidance scale (MAR-B: 2.9, LlamaGen-B: 2.0)
     temperature: float = 1.0
     num_images: int = 200                    # images sampled and measured per cell (15-min CPU budget)
@@ -109,6 +111,7 @@ RULES = {
     "diffusion_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "diffusion_steps_last": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "head_sampler": (lambda v: v in HEAD_SAMPLERS, ", ".join(HEAD_SAMPLERS)),
+    "precision": (lambda v: v in SAMPLING_PRECISIONS, ", ".join(SAMPLING_PRECISIONS)),
     "train_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "threads": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "seed": (_int_min(0), "integers >= 0"),
@@ -315,7 +318,7 @@ def describe(c: dict) -> str:
     if c["steps"] is not None:
         parts.append(f"steps={c['steps']}")
     for k, d in (("diffusion_steps", None), ("diffusion_steps_last", None), ("head_sampler", "ddpm"),
-                 ("cfg", 1.0), ("temperature", 1.0), ("seed", 0)):
+                 ("precision", "fp32"), ("cfg", 1.0), ("temperature", 1.0), ("seed", 0)):
         if c[k] not in (d, None):
             parts.append(f"{k}={c[k]}")
     return " ".join(parts)
@@ -508,7 +511,7 @@ def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
         r = evaluate(pipe, fam, steps=c["steps"], num_images=c["num_images"], batch_size=c["batch_size"],
                      cfg=c["cfg"], temperature=c["temperature"], diffusion_steps=c["diffusion_steps"],
                      diffusion_steps_last=c["diffusion_steps_last"], head_sampler=c["head_sampler"],
-                     seed=c["seed"], progress=False)
+                     precision=c["precision"], seed=c["seed"], progress=False)
         imgs = r["images"]
         from d2c.results import check_cell_id, safe_subdir
         grid = safe_subdir(results, "grids") / f"{check_cell_id(cell_id)}.png"
@@ -539,8 +542,8 @@ def failed_record(cell: dict, error: str, env: dict | None = None) -> dict:
 
 
 # axes shown in the summary only when they differ between its cells
-SUMMARY_IF_VARIED = ("discrete_model", "diffusion_steps", "diffusion_steps_last", "head_sampler", "num_images",
-                     "seed")
+SUMMARY_IF_VARIED = ("discrete_model", "diffusion_steps", "diffusion_steps_last", "head_sampler", "precision",
+                     "num_images", "seed")
 
 
 def summary_table(records: list[dict]):

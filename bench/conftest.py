@@ -29,7 +29,15 @@ RATIOS = [
     ("e2e tiny: MAR-64 / D2C-16 (time)", "e2e/mar-64/tiny", "e2e/d2c-16/tiny"),
     ("e2e base: MAR-64 / D2C-16 (time)", "e2e/mar-64/base", "e2e/d2c-16/base"),
     ("e2e tiny D2C-16: eager / compiled", "e2e/d2c-16/tiny", "e2e/d2c-16-compiled/tiny"),
+    ("e2e tiny D2C-16: ddpm / ddim head (time)", "e2e/d2c-16/tiny", "e2e/d2c-16-ddim/tiny"),
+    ("e2e tiny D2C-16: 20 head steps / 20->5 (DiSA) (time)", "e2e/d2c-16/tiny", "e2e/d2c-16-disa20to5/tiny"),
     ("mar iteration tiny: eager / compiled", "mar-iter/eager/tiny", "mar-iter/compiled/tiny"),
+    ("linear w128 r512 cpu: fp32 / bf16", "prec/linear/fp32-w128", "prec/linear/bf16-w128"),
+    ("linear w256 r512 cpu: fp32 / bf16", "prec/linear/fp32-w256", "prec/linear/bf16-w256"),
+    ("linear w512 r512 cpu: fp32 / bf16", "prec/linear/fp32-w512", "prec/linear/bf16-w512"),
+    ("linear w768 r512 cpu: fp32 / bf16", "prec/linear/fp32-w768", "prec/linear/bf16-w768"),
+    ("linear w1024 r512 cpu: fp32 / bf16", "prec/linear/fp32-w1024", "prec/linear/bf16-w1024"),
+    ("MAR-B sampler b4 8it 25diff cfg2.9: fp32 / bf16 (goal >= 2.5)", "prec/mar-b/fp32", "prec/mar-b/bf16"),
 ]
 
 

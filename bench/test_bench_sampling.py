@@ -96,10 +96,10 @@ def test_gpt_decode_step(benchmark, size):
 
 
 # ------------------------------------------------------------------ end to end
-def _e2e(benchmark, family, steps, size, batch, device, rounds, diff_steps=None, compile=False):
+def _e2e(benchmark, family, steps, size, batch, device, rounds, diff_steps=None, compile=False, **sampling):
     ms = _models(size, str(device))
     labels = torch.arange(batch) % (10 if size == "tiny" else 1000)
-    kw = dict(cfg=CFG, seed=0, steps=steps, diffusion_steps=diff_steps, compile=compile)
+    kw = dict(cfg=CFG, seed=0, steps=steps, diffusion_steps=diff_steps, compile=compile, **sampling)
     if family == "llamagen":
         kw.update(gpt=ms["gpt"], vq=ms["vq"])
     elif family == "mar":
@@ -125,6 +125,17 @@ def test_e2e_tiny(benchmark, family, steps):
     name = family if not steps else f"{family}-{steps}"
     key(benchmark, f"e2e/{name}/tiny", images=8, diffusion_steps=20)
     _e2e(benchmark, family, steps or 16, "tiny", 8, "cpu", rounds=3)
+
+
+# the acceleration axes against their off state (e2e/d2c-16/tiny: ddpm, 20 head steps every round)
+ACCEL = {"ddim": dict(head_sampler="ddim"), "disa20to5": dict(diffusion_steps_last=5)}
+
+
+@pytest.mark.parametrize("variant", list(ACCEL))
+def test_e2e_tiny_d2c16_accelerated(benchmark, variant):
+    benchmark.group = "e2e tiny b8 cfg2"
+    key(benchmark, f"e2e/d2c-16-{variant}/tiny", images=8, diffusion_steps=20)
+    _e2e(benchmark, "d2c", 16, "tiny", 8, "cpu", rounds=3, **ACCEL[variant])
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ AXES = {
     "discrete_model": ("discrete_model", "Discrete model size", ("mar",)),
     "steps": ("steps", "MAR steps", ("llamagen",)),
     "head_sampler": ("head_sampler", "Head sampler", ("llamagen",)),
+    "precision": ("config.precision", "Sampling precision", ()),   # `precision` is the metric
     "cfg": ("cfg", "CFG scale", ()),
 }
 SIZE_ORDER = ("tiny", "xs", "s", "small", "b", "base", "m", "medium", "l", "large", "xl", "xxl", "h", "huge")

@@ -125,7 +125,7 @@ def build_report(runs, problems, results_dir: Path, out: Path, published_path: P
         for axis in AXES:
             t = axis_table(ch, axis, hw)
             if t is None:
-                md += [f"### {AXES[axis][1]}", "", f"_no records with config.{AXES[axis][0]} on this hardware_", ""]
+                md += [f"### {AXES[axis][1]}", "", f"_no records with config.{AXES[axis][0].removeprefix('config.')} on this hardware_", ""]
                 continue
             base = out / "tables" / hs / axis
             base.parent.mkdir(parents=True, exist_ok=True)

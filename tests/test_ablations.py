@@ -173,6 +173,7 @@ _bad_value = st.one_of(
     st.tuples(st.just("seed"), st.integers(-100, -1).map(str)),
     st.tuples(st.just("recipe"), _word.filter(lambda w: w not in H.RECIPES)),
     st.tuples(st.just("head_sampler"), _word.filter(lambda w: w not in H.HEAD_SAMPLERS)),
+    st.tuples(st.just("precision"), _word.filter(lambda w: w not in H.SAMPLING_PRECISIONS)),
     st.tuples(st.just("diffusion_steps_last"), st.one_of(st.integers(-100, 0).map(str), st.just("1.5"))),
     st.tuples(st.sampled_from(("model=mar", "model=llamagen")).map(lambda m: "fusion"),
               st.sampled_from(("cross_attn", "qformer"))),
@@ -246,12 +247,16 @@ def test_acceleration_axis_at_its_off_value_keeps_the_cell_id():
     H.register_configs()
     with initialize_config_dir(config_dir=str(REPO / "ablations" / "conf"), version_base=None):
         plain = H.plan(["model=mar", "steps=2", *TINY])
-        ddpm = H.plan(["model=mar", "steps=2", "head_sampler=ddpm", *TINY])
+        ddpm = H.plan(["model=mar", "steps=2", "head_sampler=ddpm", "precision=fp32", *TINY])
+        bf16 = H.plan(["model=mar", "steps=2", "precision=bf16", *TINY])
+        llama_bf16 = H.plan(["model=llamagen", "precision=fp32,bf16", *TINY])
         both = H.plan(["model=mar", "steps=2", "head_sampler=ddpm,ddim", *TINY])
         llama = H.plan(["model=llamagen", "head_sampler=ddpm,ddim", *TINY])
         schedule = H.plan(["model=mar", "steps=2", "diffusion_steps=20", "diffusion_steps_last=null,5", *TINY])
         constant = H.plan(["model=mar", "steps=2", "diffusion_steps=20", *TINY])
     assert [c["cell_id"] for c in ddpm] == [c["cell_id"] for c in plain]
+    assert bf16[0]["cell_id"] != plain[0]["cell_id"] and bf16[0]["train_key"] == plain[0]["train_key"]
+    assert len(llama_bf16) == 2                              # precision applies to stage 1 too
     assert len({c["cell_id"] for c in both}) == 2 and len({c["train_key"] for c in both}) == 1
     assert {c["config"]["head_sampler"] for c in both} == {"ddpm", "ddim"}
     assert sorted("head_sampler=ddim" in H.describe(c["config"]) for c in both) == [False, True]

@@ -34,7 +34,7 @@ def record(family="d2c_qformer", steps=16, cfg=2.0, seed=0, fid=10.0, gpu=GPU, s
         "schema": 1, "cell_id": cid, "train_key": "tk", "status": status, "error": None, "family": family,
         "config": {"model": "llamagen" if family == "llamagen" else family.split("_")[0], "fusion": FUSION[family],
                    "discrete_model": None if family == "mar" else "gpt_tiny", "steps": steps,
-                   "diffusion_steps": 50, "head_sampler": "ddpm", "cfg": cfg, "temperature": 1.0, "num_images": 100,
+                   "diffusion_steps": 50, "head_sampler": "ddpm", "precision": "fp32", "cfg": cfg, "temperature": 1.0, "num_images": 100,
                    "data": {"name": "shapes", "root": None, "image_size": None, "num_images": 10000, "seed": 0,
                             "on_bad": "skip"},
                    "seed": seed, "recipe": "small", "train_steps": None, "batch_size": 100,
@@ -395,6 +395,7 @@ def test_records_that_predate_an_axis_read_as_its_off_value(tmp_path):
     got = {r["cell_id"]: read_record(record_path(tmp_path, r["cell_id"]))["config"] for r in (old, llama, new)}
     assert (got[old["cell_id"]]["head_sampler"], got[old["cell_id"]]["diffusion_steps_last"]) == ("ddpm", None)
     assert (got[llama["cell_id"]]["head_sampler"], got[llama["cell_id"]]["diffusion_steps_last"]) == (None, None)
+    assert got[old["cell_id"]]["precision"] == got[llama["cell_id"]]["precision"] == "fp32"
     assert (got[new["cell_id"]]["head_sampler"], got[new["cell_id"]]["diffusion_steps_last"]) == ("ddim", 5)
     runs, problems = L.load(tmp_path)
     assert not problems and sorted(runs["head_sampler"].fillna("-")) == ["-", "ddim", "ddpm"]

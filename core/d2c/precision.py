@@ -18,3 +18,49 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """x in `accum_dtype(x.dtype)` (no copy when it already is)."""
     return x.to(accum_dtype(x.dtype))
+
+
+# ------------------------------------------------------------------ sampling precision
+SAMPLING_PRECISIONS = ("auto", "bf16", "fp32")
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+# `auto` runs a model in bf16 only where bf16 matrix multiplies are supported and this wide or
+# wider: narrower, the casts cost more than the faster GEMM saves (bench/test_bench_precision.py;
+# the measured medians are in its docstring)
+BF16_MIN_WIDTH = {"cpu": 512, "cuda": 256}
+
+
+def bf16_supported(device) -> bool:
+    """bf16 matrix units: CUDA with bf16 support, or a CPU with AVX512-BF16 / AMX-BF16."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def sampling_dtype(precision: str, device, width: int) -> torch.dtype:
+    """The compute dtype a model of `width` samples in: bf16 (asked for, or `auto` where it is
+    supported and BF16_MIN_WIDTH says it is faster), else fp32."""
+    if precision not in SAMPLING_PRECISIONS:
+        raise ValueError(f"precision={precision!r}; allowed: {', '.join(SAMPLING_PRECISIONS)}")
+    device = torch.device(device)
+    if precision == "bf16" or (precision == "auto" and bf16_supported(device)
+                               and width >= BF16_MIN_WIDTH.get(device.type, 1 << 30)):
+        return torch.bfloat16
+    return torch.float32
+
+
+def sampling_autocast(dtype: torch.dtype, device):
+    """bf16 autocast for a model's forward passes when `dtype` is bf16; a no-op for fp32.  The
+    diffusion schedule, the reverse step, the CFG mix and the sampled latents stay fp32 (the
+    callers upcast model outputs first)."""
+    import contextlib
+    if dtype != torch.bfloat16:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

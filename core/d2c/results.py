@@ -50,9 +50,11 @@ from d2c.checkpoint import atomic_write_text, json_default, pid_alive
 
 SCHEMA_VERSION = 1
 # config keys added after schema-1 records existed -> the value an older record implies: today's
-# sampler, or null where the family has no diffusion head (its MAR steps are null).  The
-# harness keeps them out of the cell id at these values, so an older record is the same cell.
-ADDED_KEYS = {"head_sampler": "ddpm", "diffusion_steps_last": None}
+# sampler, or, for the head's keys, null where the family has no diffusion head (its MAR steps
+# are null).  The harness keeps them out of the cell id at these values, so an older record is
+# the same cell.
+ADDED_KEYS = {"head_sampler": "ddpm", "diffusion_steps_last": None, "precision": "fp32"}
+HEAD_KEYS = ("head_sampler", "diffusion_steps_last")
 REQUIRED = ("schema", "cell_id", "status", "family", "config")
 STATUSES = ("ok", "failed")
 # one file-name component: no '/', no '\\', no leading '.' (so never '..', never a hidden temp name)
@@ -149,7 +151,7 @@ def check_record(rec, source: str = "record") -> dict:
     config = rec["config"]
     if isinstance(config, dict):
         for k, v in ADDED_KEYS.items():
-            config.setdefault(k, v if config.get("steps") is not None else None)
+            config.setdefault(k, None if k in HEAD_KEYS and config.get("steps") is None else v)
     return rec
 
 

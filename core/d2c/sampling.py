@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from d2c.models.generate import gpt_generate
+from d2c.precision import DTYPE_NAMES, sampling_autocast, sampling_dtype
 
 # ============================================================================ D2C (both)
 @dataclass
@@ -20,6 +21,7 @@ class SampleResult:
     latents: torch.Tensor | None    # stage-2 latents (B, C, h, w), when stage 2 ran
     timings: dict = field(default_factory=dict)   # seconds: stage1, stage2, decode, total
     nfe: dict = field(default_factory=dict)       # network evaluations per kind
+    dtypes: dict = field(default_factory=dict)    # compute dtype per stage that ran: "bf16" | "fp32"
 
 
 class _Timer:
@@ -51,7 +53,8 @@ def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
                steps: int = 16, cfg: float = 1.0, cfg_schedule: str = "linear",
                temperature: float = 1.0, diffusion_steps: int | None = None,
                diffusion_steps_last: int | None = None, head_sampler: str = "ddpm", gpt_temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, progress: bool = False, compile: bool = False) -> SampleResult:
+               top_p: float = 1.0, precision: str = "fp32", progress: bool = False,
+               compile: bool = False) -> SampleResult:
     """The two-stage pipeline, and its two baselines by leaving a stage out:
       D2C       gpt -> codes -> mar(codes) -> latents -> kl.decode
       MAR       mar -> latents -> kl.decode                      (gpt=None)
@@ -59,6 +62,9 @@ def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
     One generator seeded with `seed` drives both stages, so a seed reproduces a run; `cfg` guides
     both (gpt_temperature, top_k, top_p are stage 1's own).
     compile=True: torch.compile the per-step work of both stages (see MAR.sample_tokens, gpt_generate).
+    precision: fp32, bf16, or auto (bf16 for a stage where d2c.precision.sampling_dtype says it is
+    supported and faster at the stage's width); model forwards only: logits, the CFG mix, the
+    diffusion schedule and step, and the latents stay fp32.  The decoders run fp32.
     """
     if gpt is None and mar is None:
         raise ValueError("d2c_sample needs gpt (stage 1), mar (stage 2), or both")
@@ -69,23 +75,27 @@ def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
     device = next((mar if mar is not None else gpt).parameters()).device
     labels = torch.as_tensor(labels, device=device, dtype=torch.long)
     gen = torch.Generator(device).manual_seed(seed)
-    timings, nfe = {}, {}
+    timings, nfe, dtypes = {}, {}, {}
     codes = latents = None
     t_all = time.perf_counter()
     if gpt is not None:
-        with _Timer(device, timings, "stage1"):
+        dt = sampling_dtype(precision, device, gpt.config.dim)
+        dtypes["stage1"] = DTYPE_NAMES[dt]
+        with _Timer(device, timings, "stage1"), sampling_autocast(dt, device):
             codes, n = gpt_generate(gpt, labels, cfg=cfg, temperature=gpt_temperature, top_k=top_k,
                                     top_p=top_p, generator=gen, compile=compile)
         nfe.update(n)
     if mar is not None:
         use_codes = codes if getattr(mar, "fusion", None) is not None else None
-        with _Timer(device, timings, "stage2"):
+        c = mar.config
+        dt = sampling_dtype(precision, device, min(c.encoder_embed_dim, c.decoder_embed_dim, c.diffloss_w))
+        dtypes["stage2"] = DTYPE_NAMES[dt]
+        with _Timer(device, timings, "stage2"), sampling_autocast(dt, device):
             latents, n = mar.sample_tokens(labels, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
                                            temperature=temperature, codes=use_codes, generator=gen,
                                            diffusion_steps=diffusion_steps,
                                            diffusion_steps_last=diffusion_steps_last, head_sampler=head_sampler,
-                                           progress=progress,
-                                           compile=compile)
+                                           progress=progress, compile=compile)
         nfe.update(n)
     with _Timer(device, timings, "decode"):
         if mar is not None:
@@ -94,7 +104,7 @@ def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
             h = vq.config.image_size // vq.config.stride
             images = vq.decode_codes(codes.view(codes.shape[0], h, h))
     timings["total"] = time.perf_counter() - t_all
-    return SampleResult(to_uint8(images), codes, latents, timings, nfe)
+    return SampleResult(to_uint8(images), codes, latents, timings, nfe, dtypes)
 
 
 def save_grid(images_uint8: torch.Tensor, path, nrow: int = 8):

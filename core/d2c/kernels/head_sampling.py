@@ -70,7 +70,7 @@ def fused_step(packed, x, i_t, noise, c_emb, cfg, temperature, clip, tab, tmap, 
     respaced step index; tab rows = STEP_COEFS; cfg, temperature, clip (bound on pred_x0, inf
     for none) 0-d tensors."""
     y = _time_embed(packed, tmap[i_t]).to(c_emb.dtype) + c_emb
-    out = adaln_mlp.head_forward(packed, torch.cat([x, x]) if guided else x, y, backend)
+    out = adaln_mlp.head_forward(packed, torch.cat([x, x]) if guided else x, y, backend).to(x.dtype)
     if guided:
         out = cfg_output(out, cfg)
     co = tab[:, i_t].to(x.dtype)                                         # (6, 1)

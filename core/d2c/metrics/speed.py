@@ -17,6 +17,7 @@ def speed_record(result, num_images: int | None = None, device="cpu") -> dict:
            "images_per_second": n / total if total > 0 else math.inf}
     rec.update({f"{k}_seconds": float(t.get(k, 0.0)) for k in ("stage1", "stage2", "decode")})
     rec.update({k: int(result.nfe.get(k, 0)) for k in ("ar_steps", "mar_steps", "diffusion_steps")})
+    rec.update({f"{k}_dtype": v for k, v in result.dtypes.items()})   # what each stage ran in
     device = torch.device(device)
     if device.type == "cuda":
         rec["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))

@@ -175,11 +175,11 @@ class DiffLoss(nn.Module):
         c_emb = self.net.cond_embed(z)                 # constant over the reverse steps
         n = z.shape[0] // 2 if guided else z.shape[0]
 
-        def model_fn(x, t):
+        def model_fn(x, t):                              # outputs in x's dtype (fp32 under bf16 autocast)
             t_emb = self.net.time_embed(t[:1])           # all rows share t
             if not guided:
-                return self.net.forward_y(x, t_emb + c_emb)
-            return cfg_output(self.net.forward_y(torch.cat([x, x]), t_emb + c_emb), cfg)
+                return self.net.forward_y(x, t_emb + c_emb).to(x.dtype)
+            return cfg_output(self.net.forward_y(torch.cat([x, x]), t_emb + c_emb).to(x.dtype), cfg)
 
         noise = torch.randn((n, self.in_channels), generator=generator, device=z.device, dtype=accum_dtype(z.dtype))
         x = diffusion.p_sample_loop(model_fn, noise, temperature=temperature, generator=generator,

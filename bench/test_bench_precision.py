@@ -1,0 +1,60 @@
+"""bf16 vs fp32 for sampling: where bf16 autocast pays on this device (the rule behind
+d2c.precision.BF16_MIN_WIDTH), and the MAR-B sampler at the configuration of the reference
+speed check (random weights, batch 4, 8 MAR iterations, 25 diffusion steps, cfg 2.9 linear).
+
+A Linear of width W on 512 rows (a MAR round's tokens x CFG) under bf16 autocast pays the
+weight cast every call, as sampling does; the ratios fp32 / bf16 are in the JSON's d2c_bars.
+"""
+import functools
+
+import pytest
+import torch
+
+import d2c
+from conftest import key
+
+WIDTHS = (128, 256, 512, 768, 1024)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("width", WIDTHS)
+def test_linear_cpu(benchmark, width, dtype):
+    benchmark.group = f"linear w{width} rows 512 cpu"
+    key(benchmark, f"prec/linear/{dtype}-w{width}", device="cpu")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(width, 4 * width).eval()
+    x = torch.randn(512, width)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else torch.no_grad
+    with torch.inference_mode():
+        def run():
+            with ctx():
+                lin(x)
+        run()
+        benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _mar_b():
+    torch.manual_seed(0)
+    m = d2c.build("mar_base").eval()
+    with torch.no_grad():           # zero-init outputs would make the sampler degenerate; speed only
+        for p in m.diffloss.parameters():
+            p.normal_(0, 0.02)
+    return m
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_mar_b_sampler_cpu(benchmark, dtype):
+    benchmark.group = "MAR-B sampler b4 8 it 25 diff cfg 2.9"
+    key(benchmark, f"prec/mar-b/{dtype}", images=4, device="cpu", mar_steps=8, diffusion_steps=25)
+    from d2c.precision import sampling_autocast
+    m = _mar_b()
+    labels = torch.arange(4)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+
+    def run():
+        with sampling_autocast(dt, "cpu"):
+            m.sample_tokens(labels, steps=8, cfg=2.9, cfg_schedule="linear", diffusion_steps=25,
+                            generator=torch.Generator().manual_seed(0))
+    run()
+    benchmark.pedantic(run, rounds=2, iterations=1)
