@@ -4,6 +4,8 @@ speed check (random weights, batch 4, 8 MAR iterations, 25 diffusion steps, cfg 
 
 A Linear of width W on 512 rows (a MAR round's tokens x CFG) under bf16 autocast pays the
 weight cast every call, as sampling does; the ratios fp32 / bf16 are in the JSON's d2c_bars.
+Measured (Xeon with AMX, 2 threads, medians): Linear fp32 / bf16 = 2.08 / 2.52 / 3.49 / 4.21 /
+4.63 at width 128 / 256 / 512 / 768 / 1024; MAR-B sampler 32.7 s fp32, 11.8 s bf16 = 2.77x.
 """
 import functools
 
