@@ -103,6 +103,12 @@ def test_bf16_sampling_matches_fp32(head_sampler):
     labels = torch.arange(4)
     kw = dict(gpt=gpt, mar=mar, kl=kl, steps=4, cfg=2.0, seed=0, head_sampler=head_sampler)
     a = d2c_sample(labels, **kw)
+    from d2c.precision import bf16_supported
+    if not bf16_supported("cpu"):          # e.g. make test-numerics (ATEN_CPU_CAPABILITY=default)
+        with pytest.raises(ValueError, match="precision=bf16: no bf16 matrix units torch can use"):
+            d2c_sample(labels, precision="bf16", **kw)
+        assert d2c_sample(labels, precision="auto", **kw).dtypes == a.dtypes   # auto falls back to fp32
+        return
     b = d2c_sample(labels, precision="bf16", **kw)
     assert a.dtypes == {"stage1": "fp32", "stage2": "fp32"} and b.dtypes == {"stage1": "bf16", "stage2": "bf16"}
     assert b.latents.dtype == torch.float32
@@ -122,8 +128,10 @@ def test_auto_precision_picks_bf16_only_where_supported_and_wide_enough(monkeypa
     import d2c.precision as P
     monkeypatch.setattr(P, "bf16_supported", lambda device: False)
     assert P.sampling_dtype("auto", "cpu", 4096) == torch.float32          # no bf16 units: fp32
-    assert P.sampling_dtype("bf16", "cpu", 64) == torch.bfloat16           # asked for: bf16
+    with pytest.raises(ValueError, match="precision=bf16: no bf16 matrix units"):   # asked for: refused
+        P.sampling_dtype("bf16", "cpu", 4096)
     monkeypatch.setattr(P, "bf16_supported", lambda device: True)
+    assert P.sampling_dtype("bf16", "cpu", 64) == torch.bfloat16           # asked for: bf16
     w = P.BF16_MIN_WIDTH["cpu"]
     assert P.sampling_dtype("auto", "cpu", w - 1) == torch.float32         # too narrow to gain
     assert P.sampling_dtype("auto", "cpu", w) == torch.bfloat16

@@ -32,11 +32,13 @@ BF16_MIN_WIDTH = {"cpu": 128, "cuda": 256}
 
 
 def bf16_supported(device) -> bool:
-    """bf16 matrix units: CUDA with bf16 support, or a CPU with AVX512-BF16 / AMX-BF16."""
+    """bf16 matrix units torch's kernels use: CUDA with bf16 support, or a CPU with AVX512-BF16 /
+    AMX-BF16 running torch's AVX-512 kernels (under ATEN_CPU_CAPABILITY=avx2 or default, bf16
+    attention fails inside torch: "pack_vnni2 is only supported when avx512 is supported")."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
+    if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return False
     try:
         with open("/proc/cpuinfo") as f:
@@ -52,10 +54,15 @@ def sampling_dtype(precision: str, device, width: int) -> torch.dtype:
     if precision not in SAMPLING_PRECISIONS:
         raise ValueError(f"precision={precision!r}; allowed: {', '.join(SAMPLING_PRECISIONS)}")
     device = torch.device(device)
-    if precision == "bf16" or (precision == "auto" and bf16_supported(device)
-                               and width >= BF16_MIN_WIDTH.get(device.type, 1 << 30)):
-        return torch.bfloat16
-    return torch.float32
+    if precision == "fp32":
+        return torch.float32
+    if not bf16_supported(device):
+        if precision == "bf16":
+            raise ValueError(f"precision=bf16: no bf16 matrix units torch can use on {device} "
+                             f"(CPU kernels: {torch.backends.cpu.get_cpu_capability()}); allowed here: fp32, auto")
+        return torch.float32
+    return torch.bfloat16 if precision == "bf16" or width >= BF16_MIN_WIDTH.get(device.type, 1 << 30) \
+        else torch.float32
 
 
 def sampling_autocast(dtype: torch.dtype, device):
