@@ -49,13 +49,13 @@ def _mar_b():
 def test_mar_b_sampler_cpu(benchmark, dtype):
     benchmark.group = "MAR-B sampler b4 8 it 25 diff cfg 2.9"
     key(benchmark, f"prec/mar-b/{dtype}", images=4, device="cpu", mar_steps=8, diffusion_steps=25)
-    from d2c.precision import sampling_autocast
+    from d2c.precision import autocast_for
     m = _mar_b()
     labels = torch.arange(4)
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
 
     def run():
-        with sampling_autocast(dt, "cpu"):
+        with autocast_for(dt, "cpu"):
             m.sample_tokens(labels, steps=8, cfg=2.9, cfg_schedule="linear", diffusion_steps=25,
                             generator=torch.Generator().manual_seed(0))
     run()

@@ -115,8 +115,8 @@ def test_bf16_sampling_matches_fp32(head_sampler):
     assert (a.codes == b.codes).float().mean() > 0.9       # sampled codes: a near-tie may flip
     la, _ = mar.sample_tokens(labels, steps=4, cfg=2.0, codes=a.codes, head_sampler=head_sampler,
                               generator=torch.Generator().manual_seed(1))
-    from d2c.precision import sampling_autocast
-    with sampling_autocast(torch.bfloat16, "cpu"):
+    from d2c.precision import autocast_for
+    with autocast_for(torch.bfloat16, "cpu"):
         lb, _ = mar.sample_tokens(labels, steps=4, cfg=2.0, codes=a.codes, head_sampler=head_sampler,
                                   generator=torch.Generator().manual_seed(1))
     assert lb.dtype == torch.float32

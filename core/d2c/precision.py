@@ -7,6 +7,8 @@ mathematical identity (two code paths that must agree) independently of a CPU's 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -40,12 +42,16 @@ def bf16_supported(device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return False
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+            return frozenset(next((ln for ln in f if ln.startswith("flags")), "").split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return frozenset()
 
 
 def sampling_dtype(precision: str, device, width: int) -> torch.dtype:
@@ -65,10 +71,10 @@ def sampling_dtype(precision: str, device, width: int) -> torch.dtype:
         else torch.float32
 
 
-def sampling_autocast(dtype: torch.dtype, device):
-    """bf16 autocast for a model's forward passes when `dtype` is bf16; a no-op for fp32.  The
-    diffusion schedule, the reverse step, the CFG mix and the sampled latents stay fp32 (the
-    callers upcast model outputs first)."""
+def autocast_for(dtype: torch.dtype, device):
+    """bf16 autocast for a model's forward passes when `dtype` is bf16; a no-op for fp32.  In
+    sampling the diffusion schedule, the reverse step, the CFG mix and the sampled latents stay
+    fp32 (the callers upcast model outputs first); in training the loss does."""
     import contextlib
     if dtype != torch.bfloat16:
         return contextlib.nullcontext()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from d2c.models.generate import gpt_generate
-from d2c.precision import DTYPE_NAMES, sampling_autocast, sampling_dtype
+from d2c.precision import DTYPE_NAMES, autocast_for, sampling_dtype
 
 # ============================================================================ D2C (both)
 @dataclass
@@ -81,7 +81,7 @@ def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
     if gpt is not None:
         dt = sampling_dtype(precision, device, gpt.config.dim)
         dtypes["stage1"] = DTYPE_NAMES[dt]
-        with _Timer(device, timings, "stage1"), sampling_autocast(dt, device):
+        with _Timer(device, timings, "stage1"), autocast_for(dt, device):
             codes, n = gpt_generate(gpt, labels, cfg=cfg, temperature=gpt_temperature, top_k=top_k,
                                     top_p=top_p, generator=gen, compile=compile)
         nfe.update(n)
@@ -90,7 +90,7 @@ def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
         c = mar.config
         dt = sampling_dtype(precision, device, min(c.encoder_embed_dim, c.decoder_embed_dim, c.diffloss_w))
         dtypes["stage2"] = DTYPE_NAMES[dt]
-        with _Timer(device, timings, "stage2"), sampling_autocast(dt, device):
+        with _Timer(device, timings, "stage2"), autocast_for(dt, device):
             latents, n = mar.sample_tokens(labels, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
                                            temperature=temperature, codes=use_codes, generator=gen,
                                            diffusion_steps=diffusion_steps,

@@ -28,7 +28,6 @@ the image size and the stored dtype.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
