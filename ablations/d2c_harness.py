@@ -28,7 +28,7 @@ from d2c.cli import one_line
 from d2c.config import FUSIONS, MODELS, PRESETS, Family, TrainConfig, preset_kind
 from d2c.data.imagefolder import DataConfig, DataError, validate_data_config
 from d2c.precision import SAMPLING_PRECISIONS
-from d2c.results import ADDED_KEYS
+from d2c.results import ADDED_KEYS, HEAD_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = Path(__file__).resolve().parent
@@ -64,6 +64,8 @@ class RunConfig:
     diffusion_steps_last: Optional[int] = None   # head steps fall linearly to this by the last MAR
                                                  # iteration (DiSA); None: diffusion_steps throughout
     head_sampler: str = "ddpm"               # the head's reverse process: ddpm (MAR's) | ddim (eta 0)
+    uncond_refresh: Optional[int] = None     # CFG's unconditional half every k MAR iterations, cached
+                                             # between (LazyMAR's condition cache); None: every one
     precision: str = "fp32"                  # sampling compute dtype: fp32 | bf16 | auto (d2c.precision)
     cfg: float = 3.0                         # classifier-free guidance scale (MAR-B: 2.9, LlamaGen-B: 2.0)
     temperature: float = 1.0
@@ -111,6 +113,7 @@ RULES = {
     "diffusion_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "diffusion_steps_last": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "head_sampler": (lambda v: v in HEAD_SAMPLERS, ", ".join(HEAD_SAMPLERS)),
+    "uncond_refresh": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "precision": (lambda v: v in SAMPLING_PRECISIONS, ", ".join(SAMPLING_PRECISIONS)),
     "train_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "threads": (_or_null(_int_min(1)), "integers >= 1 or null"),
@@ -201,7 +204,8 @@ def resolve(config) -> dict:
     # axes that do not apply to a model: null, so such cells are one cell
     model = c["model"]
     if model == "llamagen":
-        c["steps"] = c["diffusion_steps"] = c["diffusion_steps_last"] = c["head_sampler"] = None
+        for k in ("steps", "diffusion_steps") + HEAD_KEYS:
+            c[k] = None
     if model == "mar":
         c["discrete_model"] = None
     elif c["discrete_model"] is None:
@@ -317,8 +321,7 @@ def describe(c: dict) -> str:
         parts.append(f"fusion={c['fusion']}")
     if c["steps"] is not None:
         parts.append(f"steps={c['steps']}")
-    for k, d in (("diffusion_steps", None), ("diffusion_steps_last", None), ("head_sampler", "ddpm"),
-                 ("precision", "fp32"), ("cfg", 1.0), ("temperature", 1.0), ("seed", 0)):
+    for k, d in (("diffusion_steps", None), *OFF_VALUES.items(), ("cfg", 1.0), ("temperature", 1.0), ("seed", 0)):
         if c[k] not in (d, None):
             parts.append(f"{k}={c[k]}")
     return " ".join(parts)
@@ -511,6 +514,7 @@ def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
         r = evaluate(pipe, fam, steps=c["steps"], num_images=c["num_images"], batch_size=c["batch_size"],
                      cfg=c["cfg"], temperature=c["temperature"], diffusion_steps=c["diffusion_steps"],
                      diffusion_steps_last=c["diffusion_steps_last"], head_sampler=c["head_sampler"],
+                     uncond_refresh=c["uncond_refresh"],
                      precision=c["precision"], seed=c["seed"], progress=False)
         imgs = r["images"]
         from d2c.results import check_cell_id, safe_subdir
@@ -542,8 +546,8 @@ def failed_record(cell: dict, error: str, env: dict | None = None) -> dict:
 
 
 # axes shown in the summary only when they differ between its cells
-SUMMARY_IF_VARIED = ("discrete_model", "diffusion_steps", "diffusion_steps_last", "head_sampler", "precision",
-                     "num_images", "seed")
+SUMMARY_IF_VARIED = ("discrete_model", "diffusion_steps", *OFF_VALUES, "num_images", "seed")
+INT_COLUMNS = ("steps", "diffusion_steps", "diffusion_steps_last", "uncond_refresh", "num_images", "seed")
 
 
 def summary_table(records: list[dict]):
@@ -559,7 +563,7 @@ def summary_table(records: list[dict]):
                      "fid": m.get("fid"), "is": m.get("is_mean"), "acc": m.get("class_accuracy"),
                      "img/s": s.get("images_per_second"), "error": r.get("error") or ""})
     df = pd.DataFrame(rows)
-    for k in ("steps", "diffusion_steps", "diffusion_steps_last", "num_images", "seed"):
+    for k in INT_COLUMNS:
         if k in df:
             df[k] = df[k].astype("Int64")
     return df

@@ -31,6 +31,8 @@ RATIOS = [
     ("e2e tiny D2C-16: eager / compiled", "e2e/d2c-16/tiny", "e2e/d2c-16-compiled/tiny"),
     ("e2e tiny D2C-16: ddpm / ddim head (time)", "e2e/d2c-16/tiny", "e2e/d2c-16-ddim/tiny"),
     ("e2e tiny D2C-16: 20 head steps / 20->5 (DiSA) (time)", "e2e/d2c-16/tiny", "e2e/d2c-16-disa20to5/tiny"),
+    ("e2e tiny D2C-16: uncached / uncond_refresh 2 (time)", "e2e/d2c-16/tiny", "e2e/d2c-16-uncond2/tiny"),
+    ("e2e tiny D2C-16: uncached / uncond_refresh 4 (time)", "e2e/d2c-16/tiny", "e2e/d2c-16-uncond4/tiny"),
     ("mar iteration tiny: eager / compiled", "mar-iter/eager/tiny", "mar-iter/compiled/tiny"),
     ("linear w128 r512 cpu: fp32 / bf16", "prec/linear/fp32-w128", "prec/linear/bf16-w128"),
     ("linear w256 r512 cpu: fp32 / bf16", "prec/linear/fp32-w256", "prec/linear/bf16-w256"),
@@ -38,6 +40,8 @@ RATIOS = [
     ("linear w768 r512 cpu: fp32 / bf16", "prec/linear/fp32-w768", "prec/linear/bf16-w768"),
     ("linear w1024 r512 cpu: fp32 / bf16", "prec/linear/fp32-w1024", "prec/linear/bf16-w1024"),
     ("MAR-B sampler b4 8it 25diff cfg2.9: fp32 / bf16 (goal >= 2.5)", "prec/mar-b/fp32", "prec/mar-b/bf16"),
+    ("MAR-B sampler fp32: uncached / uncond_refresh 2", "prec/mar-b/fp32", "prec/mar-b/fp32-uncond2"),
+    ("MAR-B sampler: fp32 uncached / bf16 uncond_refresh 2", "prec/mar-b/fp32", "prec/mar-b/bf16-uncond2"),
 ]
 
 

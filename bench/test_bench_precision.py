@@ -45,10 +45,16 @@ def _mar_b():
     return m
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_mar_b_sampler_cpu(benchmark, dtype):
+# dtype, and uncond_refresh (the condition cache, also a sampling-speed lever at this size)
+MAR_B_VARIANTS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "fp32-uncond2": ("fp32", 2),
+                  "bf16-uncond2": ("bf16", 2)}
+
+
+@pytest.mark.parametrize("variant", list(MAR_B_VARIANTS))
+def test_mar_b_sampler_cpu(benchmark, variant):
     benchmark.group = "MAR-B sampler b4 8 it 25 diff cfg 2.9"
-    key(benchmark, f"prec/mar-b/{dtype}", images=4, device="cpu", mar_steps=8, diffusion_steps=25)
+    dtype, uncond_refresh = MAR_B_VARIANTS[variant]
+    key(benchmark, f"prec/mar-b/{variant}", images=4, device="cpu", mar_steps=8, diffusion_steps=25)
     from d2c.precision import autocast_for
     m = _mar_b()
     labels = torch.arange(4)
@@ -57,6 +63,6 @@ def test_mar_b_sampler_cpu(benchmark, dtype):
     def run():
         with autocast_for(dt, "cpu"):
             m.sample_tokens(labels, steps=8, cfg=2.9, cfg_schedule="linear", diffusion_steps=25,
-                            generator=torch.Generator().manual_seed(0))
+                            uncond_refresh=uncond_refresh, generator=torch.Generator().manual_seed(0))
     run()
     benchmark.pedantic(run, rounds=2, iterations=1)

@@ -128,7 +128,8 @@ def test_e2e_tiny(benchmark, family, steps):
 
 
 # the acceleration axes against their off state (e2e/d2c-16/tiny: ddpm, 20 head steps every round)
-ACCEL = {"ddim": dict(head_sampler="ddim"), "disa20to5": dict(diffusion_steps_last=5)}
+ACCEL = {"ddim": dict(head_sampler="ddim"), "disa20to5": dict(diffusion_steps_last=5),
+         "uncond2": dict(uncond_refresh=2), "uncond4": dict(uncond_refresh=4)}
 
 
 @pytest.mark.parametrize("variant", list(ACCEL))

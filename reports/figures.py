@@ -12,13 +12,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from d2c_reports.load import STAGES, config_columns, family_rank, order_key  # noqa: E402
+from d2c.results import ADDED_KEYS  # noqa: E402
+from d2c_reports.load import AXES, STAGES, config_columns, family_rank, order_key  # noqa: E402
 from d2c_reports.tables import pareto_front, value_text  # noqa: E402
 
 # Fixed family colours (seaborn "colorblind"), the same in every figure.
 PALETTE = {"llamagen": "#d55e00", "mar": "#0173b2", "d2c_cross_attn": "#de8f05", "d2c_qformer": "#029e73"}
 EXTRA_COLOURS = ("#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9")
 STAGE_COLOURS = ("#56b4e9", "#0173b2", "#949494")
+# the sampling accelerations (d2c.results.ADDED_KEYS: key -> off value) as short point labels
+ACCEL_FORMAT = {"head_sampler": "{}", "diffusion_steps_last": "\u2192{}", "uncond_refresh": "u{}", "precision": "{}"}
 
 
 def theme() -> None:
@@ -52,31 +55,45 @@ def _varying(df: pd.DataFrame, exclude=()) -> list[str]:
             and df.groupby("family", dropna=False)[k].nunique(dropna=False).max() > 1]
 
 
+def accel_text(row) -> str:
+    """The accelerations a cell runs with, e.g. "ddim \u21925 bf16 u2"; "" for today's sampler."""
+    parts = []
+    for k, off in ADDED_KEYS.items():
+        v = row.get(AXES[k][0] if k in AXES else k)
+        if v is None or (isinstance(v, float) and np.isnan(v)) or v == off:
+            continue
+        parts.append(ACCEL_FORMAT.get(k, k + "={}").format(value_text(v)))
+    return " ".join(parts)
+
+
 def speed_fid(c: pd.DataFrame, base: Path) -> list[Path] | None:
     d = c[np.isfinite(c["fid"].astype(float)) & np.isfinite(c["images_per_second"].astype(float))
           & (c["images_per_second"].astype(float) > 0)]
     if d.empty:
         return None
     pal = family_palette(d["family"])
+    d = d.assign(sampler=d.apply(lambda r: accel_text(r) or "default", axis=1))
+    style = "sampler" if d["sampler"].nunique() > 1 else None
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for fam, g in d.groupby("family"):
         ax.errorbar(g["images_per_second"], g["fid"], yerr=g["fid_std"].fillna(0), xerr=g["images_per_second_std"]
                     .fillna(0), fmt="none", ecolor=pal[fam], alpha=0.5, lw=1)
     sns.scatterplot(data=d, x="images_per_second", y="fid", hue="family", hue_order=list(pal), palette=pal,
-                    s=60, ax=ax, zorder=3)
+                    style=style, s=60, ax=ax, zorder=3)
     front = pareto_front(d, "images_per_second", "fid")
     ax.plot(front["images_per_second"], front["fid"], "k--", lw=1.2, drawstyle="steps-pre",
             label="Pareto front", zorder=2)
-    if "steps" in d:
-        for _, r in d[d["family"] != "llamagen"].iterrows():
-            if pd.notna(r["steps"]):
-                ax.annotate(value_text(r["steps"]), (r["images_per_second"], r["fid"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7)
+    for _, r in d.iterrows():
+        text = " ".join(t for t in (value_text(r["steps"]) if pd.notna(r.get("steps")) else "",
+                                    "" if r["sampler"] == "default" else r["sampler"]) if t)
+        if text:
+            ax.annotate(text, (r["images_per_second"], r["fid"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
     x = d["images_per_second"].astype(float)
     if x.max() / x.min() > 20:
         ax.set_xscale("log")
     ax.set(xlabel="images per second (higher is better)", ylabel="FID (lower is better)",
-           title="Speed vs FID (labels: MAR steps)")
+           title="Speed vs FID (labels: MAR steps, accelerations)")
     ax.legend(fontsize=8)
     return _save(fig, base)
 

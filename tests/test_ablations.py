@@ -174,7 +174,8 @@ _bad_value = st.one_of(
     st.tuples(st.just("recipe"), _word.filter(lambda w: w not in H.RECIPES)),
     st.tuples(st.just("head_sampler"), _word.filter(lambda w: w not in H.HEAD_SAMPLERS)),
     st.tuples(st.just("precision"), _word.filter(lambda w: w not in H.SAMPLING_PRECISIONS)),
-    st.tuples(st.just("diffusion_steps_last"), st.one_of(st.integers(-100, 0).map(str), st.just("1.5"))),
+    st.tuples(st.sampled_from(("diffusion_steps_last", "uncond_refresh")),
+              st.one_of(st.integers(-100, 0).map(str), st.just("1.5"), _word.filter(lambda w: w != "null"))),
     st.tuples(st.sampled_from(("model=mar", "model=llamagen")).map(lambda m: "fusion"),
               st.sampled_from(("cross_attn", "qformer"))),
 )
@@ -254,6 +255,9 @@ def test_acceleration_axis_at_its_off_value_keeps_the_cell_id():
         llama = H.plan(["model=llamagen", "head_sampler=ddpm,ddim", *TINY])
         schedule = H.plan(["model=mar", "steps=2", "diffusion_steps=20", "diffusion_steps_last=null,5", *TINY])
         constant = H.plan(["model=mar", "steps=2", "diffusion_steps=20", *TINY])
+        lazy = H.plan(["model=d2c", "steps=2", "uncond_refresh=null,1,2", *TINY])
+        d2c = H.plan(["model=d2c", "steps=2", *TINY])
+        llama_lazy = H.plan(["model=llamagen", "uncond_refresh=null,2", *TINY])
     assert [c["cell_id"] for c in ddpm] == [c["cell_id"] for c in plain]
     assert bf16[0]["cell_id"] != plain[0]["cell_id"] and bf16[0]["train_key"] == plain[0]["train_key"]
     assert len(llama_bf16) == 2                              # precision applies to stage 1 too
@@ -265,6 +269,10 @@ def test_acceleration_axis_at_its_off_value_keeps_the_cell_id():
     by_last = {c["config"]["diffusion_steps_last"]: c for c in schedule}
     assert set(by_last) == {None, 5} and by_last[None]["cell_id"] == constant[0]["cell_id"] != by_last[5]["cell_id"]
     assert "diffusion_steps_last=5" in H.describe(by_last[5]["config"])
+    by_k = {c["config"]["uncond_refresh"]: c for c in lazy}
+    assert by_k[None]["cell_id"] == d2c[0]["cell_id"] and len({c["cell_id"] for c in lazy}) == 3
+    assert len({c["train_key"] for c in lazy}) == 1 and "uncond_refresh=2" in H.describe(by_k[2]["config"])
+    assert len(llama_lazy) == 1 and llama_lazy[0]["config"]["uncond_refresh"] is None
 
 
 @pytest.mark.slow

@@ -462,3 +462,57 @@ def test_diffusion_steps_fall_linearly_over_the_rounds_when_asked():
     assert not torch.allclose(falling, base)
     with pytest.raises(ValueError, match="diffusion_steps_last=0; allowed"):
         run(diffusion_steps_last=0)
+
+
+@pytest.mark.parametrize("fusion", ["none", "cross_attn"])
+def test_uncond_refresh_reuses_the_cfg_difference_between_full_rounds(fusion):
+    """uncond_refresh=k (LazyMAR's condition cache): the [cond; uncond] batch runs in rounds
+    0, k, 2k, ...; in the rounds between only the conditional half runs, and the head's
+    unconditional conditions are z_cond + (z_uncond - z_cond) of the last full round.  k=1 is
+    the uncached sampler bit for bit; without CFG there is nothing to cache."""
+    m = _tiny(fusion)
+    b, steps = 2, 5
+    labels = torch.tensor([3, 7])
+    codes = torch.randint(0, 512, (b, 64), generator=torch.Generator().manual_seed(4)) if fusion != "none" else None
+    outs, heads = [], []
+    orig_cond, orig_head = m.condition, m.diffloss.sample
+
+    def cond_spy(*a, **k):
+        z = orig_cond(*a, **k)
+        outs.append(z.clone())
+        return z
+
+    def head_spy(z, temperature, cfg, **k):
+        heads.append(z.clone())
+        return orig_head(z, temperature, cfg, **k)
+
+    m.condition, m.diffloss.sample = cond_spy, head_spy
+
+    def run(cfg=2.5, **kw):
+        outs.clear(), heads.clear()
+        lat, _ = m.sample_tokens(labels, steps=steps, cfg=cfg, codes=codes, diffusion_steps=3,
+                                 generator=torch.Generator().manual_seed(0), **kw)
+        return lat, [z.shape[0] for z in outs], list(outs), list(heads)
+
+    base, sizes, _, _ = run()
+    assert sizes == [2 * b] * steps
+    same, sizes, _, _ = run(uncond_refresh=1)
+    assert torch.equal(same, base) and sizes == [2 * b] * steps
+
+    cached, sizes, zs, hs = run(uncond_refresh=2)
+    assert sizes == [2 * b, b, 2 * b, b, 2 * b]
+    for r in (1, 3):                         # rounds without the unconditional pass
+        delta = (zs[r - 1][b:] - zs[r - 1][:b]).reshape(-1, zs[r].shape[-1])
+        n = hs[r].shape[0] // 2
+        got = hs[r][n:] - hs[r][:n]          # per predicted token: its cached cfg difference
+        dist = torch.cdist(got.double(), delta.double()).min(1).values
+        assert n > 0 and dist.max() < 1e-5
+        assert torch.cdist(hs[r][:n].double(), zs[r].reshape(-1, zs[r].shape[-1]).double()).min(1).values.max() < 1e-6
+    assert not torch.equal(cached, base)
+    assert (cached - base).abs().mean() < base.abs().mean()   # an approximation, not another sampler
+
+    plain, _, _, _ = run(cfg=1.0)
+    lazy, sizes, _, _ = run(cfg=1.0, uncond_refresh=3)
+    assert torch.equal(lazy, plain) and sizes == [b] * steps
+    with pytest.raises(ValueError, match="uncond_refresh=0; allowed"):
+        run(uncond_refresh=0)

@@ -188,6 +188,7 @@ class Pipeline:
 def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_images: int = 1000, batch_size: int = 100,
              cfg: float = 1.0, temperature: float = 1.0, diffusion_steps: int | None = None, seed: int = 0,
              diffusion_steps_last: int | None = None, head_sampler: str | None = "ddpm",
+             uncond_refresh: int | None = None,
              precision: str = "fp32", progress: bool = True) -> dict:
     """Sample `num_images` class-balanced images of a family and measure them: FID/IS/KID/PR
     (embedded feature net), class accuracy, and speed (per-stage seconds, NFEs, peak memory)."""
@@ -206,7 +207,8 @@ def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_imag
     for i, lab in enumerate(it):
         res = d2c_sample(lab, seed=seed * 100_003 + i, steps=steps, cfg=cfg, temperature=temperature,
                          diffusion_steps=diffusion_steps, diffusion_steps_last=diffusion_steps_last,
-                         head_sampler=head_sampler or "ddpm", precision=precision, **models)
+                         head_sampler=head_sampler or "ddpm", uncond_refresh=uncond_refresh,
+                         precision=precision, **models)
         images.append(res.images)
         for k, v in res.timings.items():
             timings[k] = timings.get(k, 0.0) + v

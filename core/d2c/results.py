@@ -53,8 +53,8 @@ SCHEMA_VERSION = 1
 # sampler, or, for the head's keys, null where the family has no diffusion head (its MAR steps
 # are null).  The harness keeps them out of the cell id at these values, so an older record is
 # the same cell.
-ADDED_KEYS = {"head_sampler": "ddpm", "diffusion_steps_last": None, "precision": "fp32"}
-HEAD_KEYS = ("head_sampler", "diffusion_steps_last")
+ADDED_KEYS = {"head_sampler": "ddpm", "diffusion_steps_last": None, "precision": "fp32", "uncond_refresh": None}
+HEAD_KEYS = ("head_sampler", "diffusion_steps_last", "uncond_refresh")
 REQUIRED = ("schema", "cell_id", "status", "family", "config")
 STATUSES = ("ok", "failed")
 # one file-name component: no '/', no '\\', no leading '.' (so never '..', never a hidden temp name)

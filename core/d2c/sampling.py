@@ -52,8 +52,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
                steps: int = 16, cfg: float = 1.0, cfg_schedule: str = "linear",
                temperature: float = 1.0, diffusion_steps: int | None = None,
-               diffusion_steps_last: int | None = None, head_sampler: str = "ddpm", gpt_temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, precision: str = "fp32", progress: bool = False,
+               diffusion_steps_last: int | None = None, head_sampler: str = "ddpm", uncond_refresh: int | None = None,
+               gpt_temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, precision: str = "fp32", progress: bool = False,
                compile: bool = False) -> SampleResult:
     """The two-stage pipeline, and its two baselines by leaving a stage out:
       D2C       gpt -> codes -> mar(codes) -> latents -> kl.decode
@@ -95,6 +95,7 @@ def d2c_sample(labels, *, gpt=None, vq=None, mar=None, kl=None, seed: int = 0,
                                            temperature=temperature, codes=use_codes, generator=gen,
                                            diffusion_steps=diffusion_steps,
                                            diffusion_steps_last=diffusion_steps_last, head_sampler=head_sampler,
+                                           uncond_refresh=uncond_refresh,
                                            progress=progress, compile=compile)
         nfe.update(n)
     with _Timer(device, timings, "decode"):

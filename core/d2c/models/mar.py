@@ -241,7 +241,7 @@ class MAR(nn.Module):
     def sample_tokens(self, labels, *, steps: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                       temperature: float = 1.0, codes=None, generator=None, diffusion_steps=None,
                       diffusion_steps_last: int | None = None, head_sampler: str = "ddpm",
-                      progress: bool = False, compile: bool = False):
+                      uncond_refresh: int | None = None, progress: bool = False, compile: bool = False):
         """MAR's sampler (Li et al. 2024, sec. 3.4): `steps` rounds; each round runs the MAE
         encoder/decoder on the tokens known so far and samples, with the diffusion head, the tokens
         whose turn has come in a random order per sample.  The masked count after round k follows
@@ -258,6 +258,11 @@ class MAR(nn.Module):
         diffusion_steps_last: the head's step count falls linearly over the rounds, from
         `diffusion_steps` in the first to this in the last (DiSA, arXiv 2505.20297: later tokens
         have sharper conditionals and need fewer steps); None: the same count every round.
+        uncond_refresh: LazyMAR's condition cache (arXiv 2503.12450): the difference between the
+        unconditional and conditional z changes little between rounds, so under CFG the
+        unconditional half runs only every `uncond_refresh` rounds (from the first); the rounds
+        between run the conditional half alone and take z_uncond = z_cond + (z_uncond - z_cond) of
+        the last full round.  1 runs both halves every round, as None does.
         compile=True: the encoder/decoder under torch.compile (dynamic shapes) and the diffusion
         head's fused step compiled (CPU) or captured as a CUDA graph (GPU); same seed, same tokens
         up to float reassociation.
@@ -273,8 +278,9 @@ class MAR(nn.Module):
             codes = torch.as_tensor(codes, device=device).reshape(b, -1)
         guided = cfg != 1.0
         diffusion_steps = int(diffusion_steps or self.diffloss.diffusion_steps)
-        if diffusion_steps_last is not None and diffusion_steps_last < 1:
-            raise ValueError(f"diffusion_steps_last={diffusion_steps_last}; allowed: integers >= 1 or None")
+        for k, v in (("diffusion_steps_last", diffusion_steps_last), ("uncond_refresh", uncond_refresh)):
+            if v is not None and v < 1:
+                raise ValueError(f"{k}={v}; allowed: integers >= 1 or None")
 
         tokens = torch.zeros(b, L, c, device=device)
         mask = torch.ones(b, L, dtype=torch.bool, device=device)
@@ -294,11 +300,18 @@ class MAR(nn.Module):
             from tqdm.auto import tqdm
             rounds = tqdm(rounds, desc="mar")
         n_masked, reverse_steps = L, 0
+        delta = None                                                   # uncond_refresh's cache
         for step in rounds:
             if n_masked == 0:
                 break
-            tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
-            z = condition(tok_in, labels_in, mask_in, codes=codes_in, drop=drop)
+            if guided and uncond_refresh is not None and step % uncond_refresh:
+                zc = condition(tokens, labels, mask, codes=codes, drop=drop[:b])
+                z = torch.cat([zc, (zc.float() + delta).to(zc.dtype)])
+            else:
+                tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
+                z = condition(tok_in, labels_in, mask_in, codes=codes_in, drop=drop)
+                if guided and uncond_refresh is not None:
+                    delta = z[b:].float() - z[:b].float()
 
             # masked count after this round; every row has the same count (orders differ)
             n_next = math.floor(L * math.cos(math.pi / 2 * (step + 1) / steps))
