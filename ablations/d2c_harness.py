@@ -553,7 +553,8 @@ INT_COLUMNS = ("steps", "diffusion_steps", "diffusion_steps_last", "uncond_refre
 def summary_table(records: list[dict]):
     import pandas as pd
     configs = [r.get("config", {}) for r in records]
-    varied = [k for k in SUMMARY_IF_VARIED if len({repr(c.get(k)) for c in configs}) > 1]
+    # null = the axis does not apply (llamagen's head, mar's stage 1): not a second value
+    varied = [k for k in SUMMARY_IF_VARIED if len({repr(c.get(k)) for c in configs if c.get(k) is not None}) > 1]
     rows = []
     for r, c in zip(records, configs):
         m, s = r.get("metrics") or {}, r.get("speed") or {}

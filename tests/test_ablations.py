@@ -296,7 +296,7 @@ def test_summary_shows_the_axes_that_differ_between_its_cells():
         base = {"steps": 16, "cfg": 3.0, "temperature": 1.0, "diffusion_steps": None, "head_sampler": "ddpm", "seed": 0}
         return {"cell_id": f"{i:08d}", "family": "mar", "status": "ok", "config": {**base, **config},
                 "metrics": {"fid": 10.0 + i}, "speed": {"images_per_second": 1.0}}
-    same = H.summary_table([rec(0), rec(1)])
+    same = H.summary_table([rec(0), rec(1), {**rec(2), "family": "llamagen", "config": {"head_sampler": None}}])
     assert "head_sampler" not in same and "diffusion_steps" not in same
     df = H.summary_table([rec(0, head_sampler="ddim", diffusion_steps=10), rec(1), rec(2, diffusion_steps=25)])
     assert df["head_sampler"].tolist() == ["ddim", "ddpm", "ddpm"]

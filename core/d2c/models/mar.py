@@ -262,7 +262,8 @@ class MAR(nn.Module):
         unconditional and conditional z changes little between rounds, so under CFG the
         unconditional half runs only every `uncond_refresh` rounds (from the first); the rounds
         between run the conditional half alone and take z_uncond = z_cond + (z_uncond - z_cond) of
-        the last full round.  1 runs both halves every round, as None does.
+        the last full round.  1 runs both halves every round, as None does.  The difference shrinks
+        as tokens become known, so a long period also guides harder (README, "Sampling faster").
         compile=True: the encoder/decoder under torch.compile (dynamic shapes) and the diffusion
         head's fused step compiled (CPU) or captured as a CUDA graph (GPU); same seed, same tokens
         up to float reassociation.
