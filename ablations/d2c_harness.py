@@ -561,7 +561,8 @@ def summary_table(records: list[dict]):
         rows.append({"cell": r["cell_id"][:8], "family": r["family"], "steps": c.get("steps"),
                      **{k: c.get(k) for k in varied},
                      "cfg": c.get("cfg"), "temp": c.get("temperature"), "status": r["status"],
-                     "fid": m.get("fid"), "is": m.get("is_mean"), "acc": m.get("class_accuracy"),
+                     "fid": m.get("fid"), "fid_detail": m.get("fid_detail"), "is": m.get("is_mean"),
+                     "acc": m.get("class_accuracy"),
                      "img/s": s.get("images_per_second"), "error": r.get("error") or ""})
     df = pd.DataFrame(rows)
     for k in INT_COLUMNS:

@@ -66,8 +66,11 @@ def accel_text(row) -> str:
     return " ".join(parts)
 
 
-def speed_fid(c: pd.DataFrame, base: Path) -> list[Path] | None:
-    d = c[np.isfinite(c["fid"].astype(float)) & np.isfinite(c["images_per_second"].astype(float))
+def speed_fid(c: pd.DataFrame, base: Path, fid: str = "fid") -> list[Path] | None:
+    """Speed vs `fid` (the layout FID, or fid_detail) with its Pareto front."""
+    if fid not in c:
+        return None
+    d = c[np.isfinite(c[fid].astype(float)) & np.isfinite(c["images_per_second"].astype(float))
           & (c["images_per_second"].astype(float) > 0)]
     if d.empty:
         return None
@@ -76,24 +79,25 @@ def speed_fid(c: pd.DataFrame, base: Path) -> list[Path] | None:
     style = "sampler" if d["sampler"].nunique() > 1 else None
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for fam, g in d.groupby("family"):
-        ax.errorbar(g["images_per_second"], g["fid"], yerr=g["fid_std"].fillna(0), xerr=g["images_per_second_std"]
+        ax.errorbar(g["images_per_second"], g[fid], yerr=g[f"{fid}_std"].fillna(0), xerr=g["images_per_second_std"]
                     .fillna(0), fmt="none", ecolor=pal[fam], alpha=0.5, lw=1)
-    sns.scatterplot(data=d, x="images_per_second", y="fid", hue="family", hue_order=list(pal), palette=pal,
+    sns.scatterplot(data=d, x="images_per_second", y=fid, hue="family", hue_order=list(pal), palette=pal,
                     style=style, s=60, ax=ax, zorder=3)
-    front = pareto_front(d, "images_per_second", "fid")
-    ax.plot(front["images_per_second"], front["fid"], "k--", lw=1.2, drawstyle="steps-pre",
+    front = pareto_front(d, "images_per_second", fid)
+    ax.plot(front["images_per_second"], front[fid], "k--", lw=1.2, drawstyle="steps-pre",
             label="Pareto front", zorder=2)
     for _, r in d.iterrows():
         text = " ".join(t for t in (value_text(r["steps"]) if pd.notna(r.get("steps")) else "",
                                     "" if r["sampler"] == "default" else r["sampler"]) if t)
         if text:
-            ax.annotate(text, (r["images_per_second"], r["fid"]), textcoords="offset points", xytext=(4, 4),
+            ax.annotate(text, (r["images_per_second"], r[fid]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)
     x = d["images_per_second"].astype(float)
     if x.max() / x.min() > 20:
         ax.set_xscale("log")
-    ax.set(xlabel="images per second (higher is better)", ylabel="FID (lower is better)",
-           title="Speed vs FID (labels: MAR steps, accelerations)")
+    name = "FID-detail" if fid == "fid_detail" else "FID"
+    ax.set(xlabel="images per second (higher is better)", ylabel=f"{name} (lower is better)",
+           title=f"Speed vs {name} (labels: MAR steps, accelerations)")
     ax.legend(fontsize=8)
     return _save(fig, base)
 

@@ -14,10 +14,14 @@ from d2c.results import RecordError, read_records, record_path
 # (column, header, format, higher is better)
 METRICS = (
     ("fid", "FID", ".2f", False),
+    ("fid_detail", "FID-detail", ".2f", False),
+    ("spectral_distance", "Spec. dist.", ".3f", False),
     ("is_mean", "IS", ".2f", True),
     ("precision", "Prec.", ".3f", True),
     ("recall", "Rec.", ".3f", True),
     ("class_accuracy", "Cls. acc.", ".3f", True),
+    ("rfid_kl", "rFID KL", ".2f", False),
+    ("rfid_vq", "rFID VQ", ".2f", False),
     ("images_per_second", "img/s", ".4g", True),
     ("seconds_per_image", "s/img", ".4g", False),
 )
@@ -39,7 +43,10 @@ SIZE_ORDER = ("tiny", "xs", "s", "small", "b", "base", "m", "medium", "l", "larg
 META = ("file", "cell_id", "status", "error", "family", "seed", "grid", "git_commit", "started_at",
         "finished_at", "hardware")
 # metric keys a record may carry (anything else in metrics goes to `metrics.<key>`)
-_METRIC_KEYS = {"fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "class_accuracy"}
+_TOKENIZER_METRICS = ("rfid", "rfid_detail", "spectral_distance", "high_pass_ratio", "l1")   # d2c.metrics.detail
+_METRIC_KEYS = {"fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "class_accuracy",
+                "fid_detail", "spectral_distance", "high_pass_ratio",
+                *(f"{m}_{kind}" for m in _TOKENIZER_METRICS for kind in ("kl", "vq"))}
 RESERVED = set(META) | set(VALUES) | set(SPEED_PLAIN) | _METRIC_KEYS | {"n", "seeds"}
 DASH = "–"
 # config keys that say where a run wrote, not what it computed: never a table column or grouping key

@@ -138,6 +138,8 @@ def build_report(runs, problems, results_dir: Path, out: Path, published_path: P
                    ""]
         md += ["### Figures", ""]
         for name, title, fn in (("speed_vs_fid", "Speed vs FID, Pareto front dashed", lambda b: figures.speed_fid(ch, b)),
+                                ("speed_vs_fid_detail", "Speed vs FID-detail, Pareto front dashed",
+                                 lambda b: figures.speed_fid(ch, b, "fid_detail")),
                                 ("fid_vs_steps", "FID vs MAR steps per family", lambda b: figures.fid_steps(rh, ch, b)),
                                 ("stage_times", "Time per stage", lambda b: figures.stages(ch, b))):
             try:

@@ -27,18 +27,23 @@ def _env():
 
 @pytest.fixture(scope="session")
 def feature_net(tmp_path_factory):
-    """The embedded feature net, trained once for the session (seconds) and copied into each
-    results dir's cache, so that every sweep below does not train it again."""
-    from d2c.metrics import load_feature_net
-    d = tmp_path_factory.mktemp("fnet")
-    _, path = load_feature_net(cache_dir=d, progress=False)
-    return path
+    """A metrics cache made once for the session (the layout and detail feature nets, the real
+    reference set's features and spectrum: about a minute) and copied into each results dir's
+    cache, so that no sweep below makes them again."""
+    from d2c.data.shapes import make_shapes
+    from d2c.metrics import compute_metrics
+    from d2c.metrics.detail import detail_metrics
+    d = tmp_path_factory.mktemp("metrics_cache")
+    images = make_shapes(20, seed=3)[0]
+    compute_metrics(images, cache_dir=d)
+    detail_metrics(images, cache_dir=d)
+    return d
 
 
 def _results(tmp_path, feature_net, name="results"):
     rd = tmp_path / name
-    (rd / "cache").mkdir(parents=True, exist_ok=True)
-    shutil.copy(feature_net, rd / "cache" / feature_net.name)
+    rd.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(feature_net, rd / "cache", dirs_exist_ok=True)
     return rd
 
 

@@ -86,11 +86,23 @@ def test_family_configs():
 
 
 @pytest.mark.slow
-def test_evaluate_records_metrics_and_speed(tmp_path):
+def test_evaluate_records_metrics_and_speed(tmp_path, monkeypatch):
+    import json
+    import math
+
+    from d2c.metrics import detail
     pipe = Pipeline(_tiny_recipe(), root=tmp_path, device="cpu")
     r = evaluate(pipe, Family("d2c", "cross_attn"), steps=2, num_images=20, batch_size=10, progress=False)
     assert r["images"].shape == (20, 3, 32, 32)
     assert {"fid", "is_mean", "precision", "recall", "class_accuracy"} <= set(r["metrics"])
+    added = {"fid_detail", "spectral_distance", "high_pass_ratio",
+             *(f"{m}_{k}" for m in ("rfid", "rfid_detail", "spectral_distance", "high_pass_ratio", "l1") for k in ("kl", "vq"))}
+    assert added <= set(r["metrics"]) and all(math.isfinite(r["metrics"][k]) for k in added)
+    # measured once per trained tokenizer, kept in its stage folder, read back after
+    saved = json.loads((pipe._dirs["vq"] / "reconstruction.json").read_text())
+    assert saved["rfid"] == r["metrics"]["rfid_vq"]
+    monkeypatch.setattr(detail, "reconstruction_metrics", lambda *a, **k: pytest.fail("measured again"))
+    assert pipe.tokenizer_metrics()["rfid_detail_kl"] == r["metrics"]["rfid_detail_kl"]
     assert r["speed"]["mar_steps"] == 2 and r["speed"]["seconds_per_image"] > 0
     assert r["speed"]["stage1_seconds"] > 0 and r["speed"]["stage2_seconds"] > 0
 

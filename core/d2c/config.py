@@ -198,6 +198,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     kl_weight: float = 1e-6            # kl stage: LDM's KL weight on the posterior
+    spectral_weight: float = 0.0       # kl stage: + this x L1 of the FFT amplitudes (d2c.train.stage_loss)
     scale_batches: int = 8             # kl stage: batches used to fit the latent scale
     # A non-finite loss or gradient norm: "stop" checkpoints the last good state (the bad update
     # is never applied) and raises d2c.train.NonFiniteLoss naming the step; "skip" drops that

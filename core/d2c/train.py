@@ -121,7 +121,14 @@ def stage_loss(stage: str, model, batch: dict, config: TrainConfig):
         # (L1 only: the perceptual and GAN terms need downloaded networks)
         rec = (recon.float() - x).abs().mean()
         kl = post.kl().float().mean() / x[0].numel()
-        return rec + config.kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
+        loss, scalars = rec + config.kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
+        if config.spectral_weight > 0:
+            # amplitudes only, phase-free: pixel L1 alone pays for a fine grating it cannot place
+            # exactly by blurring it away; this term pays for the texture's energy being there
+            # (the perceptual term's job in LDM, which needs a downloaded VGG)
+            spec = (torch.fft.rfft2(recon.float(), norm="ortho").abs() - torch.fft.rfft2(x, norm="ortho").abs()).abs().mean()
+            loss, scalars["spec"] = loss + config.spectral_weight * spec, spec.item()
+        return loss, scalars
     if stage == "vq":
         x = batch["images"]
         recon, losses = model(x)

@@ -1,7 +1,10 @@
-"""The embedded default's feature network: a small CNN trained here on the shapes dataset
-(seconds on 2 cores), cached as safetensors under a hash of its recipe, and the class accuracy
-it judges.  Trained with blur augmentation, so its features see the layout, not pixel-sharp
-texture (d2c.metrics.fidelity registers it with torch-fidelity for FID/IS/KID/PRC)."""
+"""The embedded default's feature networks: small CNNs trained here on the shapes dataset
+(seconds on 2 cores), cached as safetensors under a hash of their recipe, and the class
+accuracy the layout net judges (d2c.metrics.fidelity registers them with torch-fidelity).
+  layout net (FeatureNetConfig())  classes, with blur augmentation: its features see the layout,
+                                   not pixel-sharp texture (FID, IS, KID, precision/recall)
+  detail net (DETAIL_NET)          classes and the grating's frequency and orientation, never
+                                   blurred: its features need the fine texture (fid_detail)"""
 from __future__ import annotations
 
 import contextlib
@@ -47,10 +50,15 @@ class FeatureNetConfig:
     lr: float = 3e-3
     seed: int = 0
     blur_sigma: float = 1.2            # augmentation: Gaussian blur, sigma ~ U(0, blur_sigma), half the batch
+    detail_weight: float = 0.0         # > 0: + this x MSE of a head predicting the grating (make_shapes detail)
     version: int = 2                   # bump when the training code changes
 
     def key(self) -> str:
         return stable_hash({**dataclasses.asdict(self), "data": _shapes_fingerprint(self.data_seed)}, length=12)
+
+
+# the detail-sensitive net behind fid_detail: no blur, and its features must carry the grating
+DETAIL_NET = FeatureNetConfig(blur_sigma=0.0, detail_weight=1.0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,23 +69,29 @@ def _shapes_fingerprint(seed: int) -> str:
     return hashlib.sha256(make_shapes(16, seed=seed)[0].numpy().tobytes()).hexdigest()[:8]
 
 
+DETAIL_DIM = 3                         # make_shapes(return_detail=True): frequency, cos 2 theta, sin 2 theta
+
+
 class FeatureNet(nn.Module):
-    """uint8 (or [-1, 1] float) images -> (global-average-pooled features, class logits)."""
+    """uint8 (or [-1, 1] float) images -> (global-average-pooled features, class logits);
+    `detail_head` (detail nets only) predicts the grating from the same features."""
     INPUT_SIZE = 32
 
-    def __init__(self, widths=(16, 32, 64, 128), num_classes: int = 10):
+    def __init__(self, widths=(16, 32, 64, 128), num_classes: int = 10, detail: bool = False):
         super().__init__()
         chans = (3, *widths)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
             for i, o in zip(chans[:-1], chans[1:]))
         self.head = nn.Linear(widths[-1], num_classes)
+        self.detail_head = nn.Linear(widths[-1], DETAIL_DIM) if detail else None
 
     @classmethod
     def from_state_dict(cls, sd: dict) -> "FeatureNet":
-        """Widths and class count read off the tensor shapes, so the file alone rebuilds the net."""
+        """Widths, class count and heads read off the tensors, so the file alone rebuilds the net."""
         n = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        net = cls(tuple(sd[f"blocks.{i}.0.weight"].shape[0] for i in range(n)), sd["head.weight"].shape[0])
+        net = cls(tuple(sd[f"blocks.{i}.0.weight"].shape[0] for i in range(n)), sd["head.weight"].shape[0],
+                  detail="detail_head.weight" in sd)
         net.load_state_dict(sd)
         return net.eval()
 
@@ -107,14 +121,15 @@ def _train_feature_net(config: FeatureNetConfig, progress: bool = True) -> Featu
 
     from d2c.data.shapes import make_shapes
 
-    x, y = make_shapes(config.n_train, seed=config.data_seed)
+    x, y, detail = make_shapes(config.n_train, seed=config.data_seed, return_detail=True)
     # One thread: convs this small barely scale, and 2 threads beside another busy process ran
     # 19x slower (800 vs 42 ms a step, measured on the 2-core CPU); one is never that bad.
     # fork_rng: leave the caller's global RNG alone.
     # inference_mode(False): callers such as class_accuracy may run under inference mode
     with _torch_threads(1), torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(config.seed)
-        net = FeatureNet(config.widths, config.num_classes).to(memory_format=torch.channels_last)
+        net = FeatureNet(config.widths, config.num_classes, detail=config.detail_weight > 0)
+        net = net.to(memory_format=torch.channels_last)
         gen = torch.Generator().manual_seed(config.seed)
         opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.train_steps, pct_start=0.15)
@@ -128,8 +143,10 @@ def _train_feature_net(config: FeatureNetConfig, progress: bool = True) -> Featu
             pos += config.batch_size
             # channels_last: ~1.5x faster convs on CPU (measured)
             xb = _blur_half(x[idx], config.blur_sigma, gen) if config.blur_sigma > 0 else x[idx]
-            _, logits = net(xb.contiguous(memory_format=torch.channels_last))
+            feats, logits = net(xb.contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(logits, y[idx])
+            if net.detail_head is not None:
+                loss = loss + config.detail_weight * F.mse_loss(net.detail_head(feats), detail[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -166,6 +166,10 @@ class AutoencoderKL(nn.Module):
     def decode_unscaled(self, z):
         return self.decoder(self.post_quant_conv(z))
 
+    def reconstruct(self, images):
+        """images -> decoder(posterior mode): what the tokenizer gives back (rFID)."""
+        return self.decode_unscaled(self.posterior(images).mode())
+
     def forward(self, images, sample_posterior: bool = True, generator: torch.Generator | None = None):
         """-> (reconstruction, posterior); the trainer adds reconstruction + kl_weight * posterior.kl()."""
         post = self.posterior(images)

@@ -218,6 +218,10 @@ class VQModel(nn.Module):
             codes = codes.view(codes.shape[0], side, side)
         return self.decode(self.quantize.lookup(codes.long()))
 
+    def reconstruct(self, images):
+        """images -> decoder(nearest codes): what the tokenizer gives back (rFID)."""
+        return self.decode(self.quantize_images(images)[0])
+
     def forward(self, images):
         """-> (reconstruction, {"codebook", "commit"[, "entropy"]} already weighted)."""
         quant, _, losses = self.quantize_images(images)
