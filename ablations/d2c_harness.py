@@ -25,7 +25,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from d2c.checkpoint import stable_hash
 from d2c.cli import one_line
-from d2c.config import FUSIONS, MODELS, PRESETS, Family, TrainConfig, preset_kind
+from d2c.config import FUSIONS, MODELS, PRESETS, Family, TrainConfig, make_config, preset_kind
 from d2c.data.imagefolder import DataConfig, DataError, validate_data_config
 from d2c.precision import SAMPLING_PRECISIONS
 from d2c.results import ADDED_KEYS, HEAD_KEYS
@@ -312,6 +312,17 @@ def keys(c: dict) -> tuple[str, str]:
     if fam.has_stage2:
         train["stage2"] = dataclasses.asdict(mar_config(recipe, fam))
     train["data"] = dataclasses.asdict(recipe.data)
+    # what the stage folders' keys also hash (d2c.pipeline): the resolved model configs (a preset
+    # edited in code) and the generator version of the embedded data (an image folder's files are
+    # not scanned here: a changed folder needs a new data.root or results_dir)
+    configs = {s: recipe.stages[s] for s in train if s in recipe.stages}
+    if fam.has_stage2:
+        configs["stage2"] = mar_config(recipe, fam)
+    train["models"] = {s: dataclasses.asdict(make_config(config.preset, **config.overrides))
+                       for s, config in configs.items()}
+    if recipe.data.name == "shapes":
+        from d2c.data.shapes import VERSION
+        train["shapes_version"] = VERSION
     return stable_hash(cell), stable_hash(train)
 
 
@@ -485,7 +496,7 @@ def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
     Returns the record (rank 0) or {} (other ranks of a multi-task job)."""
     from d2c.results import is_finished, now_iso, read_record, record_path, write_record
     results = Path(c["results_dir"])
-    if is_finished(results, cell_id):
+    if is_finished(results, cell_id, train_key):
         return read_record(record_path(results, cell_id))
     rank, world = _distributed()
     rec = base_record(c, cell_id, train_key)

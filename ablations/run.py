@@ -101,7 +101,7 @@ def _print_plan(cells: list[dict]) -> None:
     from d2c.results import is_finished
     print(f"plan: {len(cells)} cells, {len({c['train_key'] for c in cells})} training config(s); nothing run")
     for c in cells:
-        state = "done" if is_finished(c["config"]["results_dir"], c["cell_id"]) else "todo"
+        state = "done" if is_finished(c["config"]["results_dir"], c["cell_id"], c["train_key"]) else "todo"
         print(f"  [{state}] {c['cell_id']} train {c['train_key']}  {H.describe(c['config'])}")
         print(f"      {json.dumps(c['config'], sort_keys=True, default=str)}")
 

@@ -307,3 +307,34 @@ def test_summary_shows_the_axes_that_differ_between_its_cells():
     assert df["head_sampler"].tolist() == ["ddim", "ddpm", "ddpm"]
     assert df["diffusion_steps"].tolist()[::2] == [10, 25] and df["diffusion_steps"].isna().tolist() == [False, True, False]
     assert list(df.columns[:5]) == ["cell", "family", "steps", "diffusion_steps", "head_sampler"]
+
+
+def test_a_record_from_before_a_training_change_is_stale(tmp_path, monkeypatch):
+    """Same cell id, but the stages it would use are trained differently now (a new version of
+    the embedded data, an edited preset): its old record no longer counts as done."""
+    import dataclasses
+
+    import d2c.config as C
+    import d2c.data.shapes as S
+    from hydra import initialize_config_dir
+
+    from d2c.results import is_finished, write_record
+    H.register_configs()
+    args = ["model=d2c", "fusion=cross_attn", "steps=2", *TINY, f"results_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(REPO / "ablations" / "conf"), version_base=None):
+        cell = H.plan(args)[0]
+        with monkeypatch.context() as m:
+            m.setattr(S, "VERSION", S.VERSION + 1)
+            new_data = H.plan(args)[0]
+        with monkeypatch.context() as m:
+            m.setitem(C.PRESETS, "kl_tiny", dataclasses.replace(C.PRESETS["kl_tiny"], ch=48))
+            new_preset = H.plan(args)[0]
+        again = H.plan(args)[0]
+    rec = {**H.base_record(cell["config"], cell["cell_id"], cell["train_key"]), "status": "ok"}
+    write_record(tmp_path, rec)
+    assert new_data["cell_id"] == new_preset["cell_id"] == cell["cell_id"]
+    assert len({cell["train_key"], new_data["train_key"], new_preset["train_key"]}) == 3
+    assert again["train_key"] == cell["train_key"]
+    assert is_finished(tmp_path, cell["cell_id"], cell["train_key"])
+    assert not is_finished(tmp_path, cell["cell_id"], new_data["train_key"])
+    assert not is_finished(tmp_path, cell["cell_id"], new_preset["train_key"])

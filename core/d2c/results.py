@@ -183,15 +183,18 @@ def read_records(results_dir, on_bad=None) -> list[dict]:
     return out
 
 
-def is_finished(results_dir, cell_id: str) -> bool:
-    """A cell is finished when its record exists and says ok (failed cells are retried)."""
+def is_finished(results_dir, cell_id: str, train_key: str | None = None) -> bool:
+    """A cell is finished when its record exists and says ok (failed cells are retried) and,
+    given `train_key`, was made by models trained as today's are (a record from before a data,
+    preset or recipe change is stale: the cell runs again on the new stages)."""
     p = record_path(results_dir, cell_id)
     if not p.is_file():
         return False
     try:
-        return read_record(p)["status"] == "ok"
+        rec = read_record(p)
     except RecordError:
         return False
+    return rec["status"] == "ok" and (train_key is None or rec.get("train_key") == train_key)
 
 
 def versions() -> dict:

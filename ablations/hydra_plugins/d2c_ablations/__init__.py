@@ -219,7 +219,7 @@ class D2CSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)   # as Hydra's own sweeper: the sweep's config
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        todo = [c for c in cells if not is_finished(c["results_dir"], c["cell_id"])]
+        todo = [c for c in cells if not is_finished(c["results_dir"], c["cell_id"], c["train_key"])]
         trains = len({c["train_key"] for c in todo})
         results_dir = cells[0]["results_dir"] if cells else "."
         logger.info(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} already done (skipped), "
