@@ -60,7 +60,7 @@ def accel_text(row) -> str:
     parts = []
     for k, off in ADDED_KEYS.items():
         v = row.get(AXES[k][0] if k in AXES else k)
-        if v is None or (isinstance(v, float) and np.isnan(v)) or v == off:
+        if pd.isna(v) or v == off:
             continue
         parts.append(ACCEL_FORMAT.get(k, k + "={}").format(value_text(v)))
     return " ".join(parts)

@@ -26,7 +26,7 @@ def _env():
 
 
 @pytest.fixture(scope="session")
-def feature_net(tmp_path_factory):
+def metrics_cache(tmp_path_factory):
     """A metrics cache made once for the session (the layout and detail feature nets, the real
     reference set's features and spectrum: about a minute) and copied into each results dir's
     cache, so that no sweep below makes them again."""
@@ -40,10 +40,10 @@ def feature_net(tmp_path_factory):
     return d
 
 
-def _results(tmp_path, feature_net, name="results"):
+def _results(tmp_path, metrics_cache, name="results"):
     rd = tmp_path / name
     rd.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(feature_net, rd / "cache", dirs_exist_ok=True)
+    shutil.copytree(metrics_cache, rd / "cache", dirs_exist_ok=True)
     return rd
 
 
@@ -62,10 +62,10 @@ def trained(out: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_design_card_sweep_tiny_then_skip(tmp_path, feature_net):
+def test_design_card_sweep_tiny_then_skip(tmp_path, metrics_cache):
     """`-m fusion=cross_attn,qformer steps=...`: every cell one record, each stage trained once
     (sampling axes never retrain); run again: every cell skipped, nothing trained."""
-    rd = _results(tmp_path, feature_net)
+    rd = _results(tmp_path, metrics_cache)
     p = run(["-m", "fusion=cross_attn,qformer", "steps=2,3", *TINY], rd)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert sorted(trained(p.stdout)) == sorted(["kl", "vq", "gpt", "d2c_cross_attn", "d2c_qformer"])
@@ -89,8 +89,8 @@ def test_design_card_sweep_tiny_then_skip(tmp_path, feature_net):
 
 
 @pytest.mark.slow
-def test_failed_cell_is_recorded_and_others_finish(tmp_path, feature_net):
-    rd = _results(tmp_path, feature_net)
+def test_failed_cell_is_recorded_and_others_finish(tmp_path, metrics_cache):
+    rd = _results(tmp_path, metrics_cache)
     p = run(["-m", "model=mar", "steps=2", "fault=raise,null", *TINY], rd)
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     recs = {r["config"]["fault"]: r for r in records(rd)}
@@ -104,10 +104,10 @@ def test_failed_cell_is_recorded_and_others_finish(tmp_path, feature_net):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill(tmp_path, feature_net):
+def test_resume_after_sigkill(tmp_path, metrics_cache):
     """SIGKILL the sweep while a stage trains (after its first checkpoint); the rerun resumes
     from that checkpoint and writes exactly one whole record."""
-    rd = _results(tmp_path, feature_net)
+    rd = _results(tmp_path, metrics_cache)
     args = [sys.executable, str(RUN), "model=mar", "steps=2", "train_steps=30", *TINY, f"results_dir={rd}"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
                             start_new_session=True)
@@ -134,8 +134,8 @@ def test_resume_after_sigkill(tmp_path, feature_net):
 
 
 @pytest.mark.slow
-def test_concurrent_cells_train_shared_stages_once(tmp_path, feature_net):
-    rd = _results(tmp_path, feature_net)
+def test_concurrent_cells_train_shared_stages_once(tmp_path, metrics_cache):
+    rd = _results(tmp_path, metrics_cache)
     procs = [subprocess.Popen([sys.executable, str(RUN), "model=d2c", f"steps={s}", *TINY, f"results_dir={rd}"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO)
              for s in (2, 3)]
@@ -281,10 +281,10 @@ def test_acceleration_axis_at_its_off_value_keeps_the_cell_id():
 
 
 @pytest.mark.slow
-def test_default_comparison_tiny(tmp_path, feature_net):
+def test_default_comparison_tiny(tmp_path, metrics_cache):
     """`run.py` with no axis: LlamaGen, MAR and both D2C fusions at the default step counts (on the
     tiny recipe here), one record each, and the table + where records and grids are."""
-    rd = _results(tmp_path, feature_net)
+    rd = _results(tmp_path, metrics_cache)
     p = run([*TINY], rd)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     recs = records(rd)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from test_ablations import TINY, _env, _results, feature_net, records, run  # noqa: F401 (fixture)
+from test_ablations import TINY, _env, _results, metrics_cache, records, run  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "ablations" / "run.py"
@@ -211,8 +211,8 @@ def _wait_for(pred, proc, timeout, what):
 
 
 @pytest.mark.slow
-def test_sigterm_mid_training_checkpoints_no_record_then_rerun_resumes(tmp_path, feature_net):
-    rd = _results(tmp_path, feature_net)
+def test_sigterm_mid_training_checkpoints_no_record_then_rerun_resumes(tmp_path, metrics_cache):
+    rd = _results(tmp_path, metrics_cache)
     args = ["model=mar", "steps=2", "train_steps=30", *TINY, f"results_dir={rd}"]
     proc = subprocess.Popen([sys.executable, str(RUN), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=_env(), cwd=REPO, start_new_session=True)
@@ -243,11 +243,11 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_usr2_preemption_through_submitit_local_requeues_and_resumes(tmp_path, feature_net):
+def test_usr2_preemption_through_submitit_local_requeues_and_resumes(tmp_path, metrics_cache):
     """The real thing through submitit: USR2 to the job's task while it trains -> checkpoint,
     checkpoint() + requeue (submitit's local controller restarts the task), the requeued task
     resumes from the checkpoint, and the sweep ends with the one record."""
-    rd = _results(tmp_path, feature_net)
+    rd = _results(tmp_path, metrics_cache)
     args = ["-m", "model=mar", "steps=2", "train_steps=30", *TINY, "hydra/launcher=submitit_local",
             f"results_dir={rd}"]
     proc = subprocess.Popen([sys.executable, str(RUN), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -275,11 +275,11 @@ def test_usr2_preemption_through_submitit_local_requeues_and_resumes(tmp_path, f
 
 
 @pytest.mark.slow
-def test_load_50_cells_one_in_five_failing(tmp_path, feature_net):
+def test_load_50_cells_one_in_five_failing(tmp_path, metrics_cache):
     """50 cells (seed 0..49, shared training: trained once) through the launcher, every 5th
     failing: all 50 records, the failures are exactly seeds % 5 == 0, and the summary lists
     exactly those; bounded wall time."""
-    rd = _results(tmp_path, feature_net)
+    rd = _results(tmp_path, metrics_cache)
     t0 = time.perf_counter()
     p = run(["-m", "model=llamagen", "recipe=tiny", "data=shapes_tiny", "num_images=10", "batch_size=10",
              "seed=range(0,50)", "fault=raise_if_seed_mod5"], rd, timeout=600)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_ablations import TINY, _env, _results, feature_net, records  # noqa: F401 (fixture)
+from test_ablations import TINY, _env, _results, metrics_cache, records  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
@@ -47,8 +47,8 @@ def cluster():
 
 
 @pytest.mark.slow
-def test_sweep_on_local_slurm_returns_every_record(cluster, tmp_path, feature_net):
-    rd = _results(tmp_path, feature_net)
+def test_sweep_on_local_slurm_returns_every_record(cluster, tmp_path, metrics_cache):
+    rd = _results(tmp_path, metrics_cache)
     p = subprocess.run([sys.executable, str(RUN), "-m", "model=mar", "steps=2,3", *TINY, *SLURM, f"results_dir={rd}"],
                        capture_output=True, text=True, timeout=400, env=_env(), cwd=REPO)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -60,10 +60,10 @@ def test_sweep_on_local_slurm_returns_every_record(cluster, tmp_path, feature_ne
 
 
 @pytest.mark.slow
-def test_killed_slurm_jobs_are_reported_failed(cluster, tmp_path, feature_net):
+def test_killed_slurm_jobs_are_reported_failed(cluster, tmp_path, metrics_cache):
     """Two cells: one job process dies without a result (fault=exit), one is scancel'ed while it
     trains.  The sweep returns (no endless wait), both cells have failed records."""
-    rd = _results(tmp_path, feature_net)
+    rd = _results(tmp_path, metrics_cache)
     proc = subprocess.Popen([sys.executable, str(RUN), "-m", "model=mar", "steps=2", "fault=exit,null",
                              "train_steps=3000", *TINY, *SLURM, f"results_dir={rd}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO)
@@ -96,10 +96,10 @@ def test_killed_slurm_jobs_are_reported_failed(cluster, tmp_path, feature_net):
 
 
 @pytest.mark.slow
-def test_two_task_job_trains_ddp_through_submitit_env(cluster, tmp_path, feature_net):
+def test_two_task_job_trains_ddp_through_submitit_env(cluster, tmp_path, metrics_cache):
     """tasks_per_node=2: submitit's distributed environment is exported in each task, the ranks
     train every stage together (DDP, gloo on CPU) and rank 0 writes the one record."""
-    rd = _results(tmp_path, feature_net)
+    rd = _results(tmp_path, metrics_cache)
     try:
         p = subprocess.run([sys.executable, str(RUN), "model=mar", "steps=2", *TINY, *SLURM,
                             "hydra.launcher.tasks_per_node=2", f"results_dir={rd}"],

@@ -133,9 +133,11 @@ class Pipeline:
                              "for ImageNet load the public KL-16 / VQ-16 weights instead")
         return ImageSource(ds.images, ds.labels)
 
+    def _tokenizer_dir(self, kind: str) -> Path:
+        return self._ensure(kind, self.recipe.stages[kind], (), self._images)
+
     def tokenizer(self, kind: str):
-        out = self._ensure(kind, self.recipe.stages[kind], (), self._images)
-        return load_trained(out, device=self.device)
+        return load_trained(self._tokenizer_dir(kind), device=self.device)
 
     def cache(self):
         if self._cache is None:
@@ -181,12 +183,11 @@ class Pipeline:
         from d2c.metrics.detail import reconstruction_metrics
         out = {}
         for kind in ("kl", "vq"):
-            tok = self.tokenizer(kind)
-            path = self._dirs[kind] / "reconstruction.json"
+            path = self._tokenizer_dir(kind) / "reconstruction.json"
             try:
                 m = json.loads(path.read_text())
             except (OSError, ValueError):
-                m = reconstruction_metrics(tok, cache_dir=self.root / "cache", device=self.device)
+                m = reconstruction_metrics(self.tokenizer(kind), cache_dir=self.root / "cache", device=self.device)
                 atomic_write_text(path, json.dumps(m, indent=1))
             out.update({f"{k}_{kind}": float(v) for k, v in m.items()})
         return out

@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from d2c.metrics.feature_net import DEFAULT_CACHE_DIR, DETAIL_NET, _check_images, _shapes_fingerprint
+from d2c.metrics.feature_net import DEFAULT_CACHE_DIR, DETAIL_NET, MetricsError, _check_images, _shapes_fingerprint
+from d2c.metrics.fidelity import REFERENCE_SEED, compute_metrics
 
 RECON_SEED = 31337            # held-out real shapes the tokenizers reconstruct (not training, not reference)
 RECON_IMAGES = 1000
 
 
-def _unit(images_uint8) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float64 in [-1, 1], the tokenizers' input range."""
-    return _check_images(images_uint8).double() / 127.5 - 1
+def _unit(images_uint8: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """Checked uint8 (N, 3, H, W) -> `dtype` in [-1, 1], the tokenizers' input range."""
+    return images_uint8.to(dtype) / 127.5 - 1
 
 
 def radial_power_spectrum(images_uint8, batch_size: int = 500) -> torch.Tensor:
@@ -56,7 +57,6 @@ def spectral_distance(images_uint8, reference_uint8=None, *, reference_spectrum=
     q = reference_spectrum if reference_spectrum is not None else radial_power_spectrum(reference_uint8)
     q = torch.as_tensor(q, dtype=torch.float64)
     if q.shape != p.shape:
-        from d2c.metrics.feature_net import MetricsError
         raise MetricsError(f"spectral_distance: spectra of {p.shape[0]} and {q.shape[0]} radii "
                            "(images of different sizes)")
     tiny = torch.finfo(torch.float64).tiny
@@ -96,14 +96,12 @@ def _reference_detail(num_reference: int, seed: int, cache_dir: str) -> tuple[to
 
 
 def detail_metrics(images_uint8, *, cache_dir=DEFAULT_CACHE_DIR, device="cpu", num_reference: int = 10_000,
-                   reference_seed: int | None = None, detail_net=DETAIL_NET) -> dict:
+                   reference_seed: int = REFERENCE_SEED, detail_net=DETAIL_NET) -> dict:
     """fid_detail, spectral_distance, high_pass_ratio of generated images against the held-out
     real shapes (the reference of the layout FID); detail_net: the FeatureNetConfig of fid_detail."""
-    from d2c.metrics.fidelity import REFERENCE_SEED, compute_metrics
-    seed = REFERENCE_SEED if reference_seed is None else reference_seed
-    spectrum, energy = _reference_detail(num_reference, seed, str(cache_dir))
+    spectrum, energy = _reference_detail(num_reference, reference_seed, str(cache_dir))
     fid = compute_metrics(images_uint8, feature_net=detail_net, isc=False, kid=False, prc=False, device=device,
-                          cache_dir=cache_dir, num_reference=num_reference, reference_seed=seed)["fid"]
+                          cache_dir=cache_dir, num_reference=num_reference, reference_seed=reference_seed)["fid"]
     return {"fid_detail": fid, "spectral_distance": spectral_distance(images_uint8, reference_spectrum=spectrum),
             "high_pass_ratio": high_pass_energy(images_uint8) / energy}
 
@@ -116,11 +114,10 @@ def reconstruction_metrics(tokenizer, *, num_images: int = RECON_IMAGES, seed: i
     rfid_detail, spectral_distance, high_pass_ratio of the reconstructions, and their L1 in
     [-1, 1] units.  layout_net / detail_net: FeatureNetConfigs (None: the default layout net)."""
     from d2c.data.shapes import make_shapes
-    from d2c.metrics.fidelity import compute_metrics
     from d2c.sampling import to_uint8
     real = make_shapes(num_images, seed=seed)[0]
     tokenizer = tokenizer.to(device).eval()
-    recon = torch.cat([to_uint8(tokenizer.reconstruct(b.to(device).float() / 127.5 - 1)).cpu()
+    recon = torch.cat([to_uint8(tokenizer.reconstruct(_unit(b.to(device), torch.float32))).cpu()
                        for b in real.split(batch_size)])
     out = {"rfid": compute_metrics(recon, isc=False, kid=False, prc=False, device=device, cache_dir=cache_dir,
                                    feature_net=layout_net, num_reference=num_reference)["fid"]}
