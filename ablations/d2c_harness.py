@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -53,11 +53,29 @@ DEFAULT_SWEEP = (
 )
 
 
+# The fusion group's knobs (d2c.config.FusionConfig fields) and the fusion kinds each applies to
+FUSION_KNOBS = {"num_queries": ("qformer",), "depth": ("qformer",), "layers": ("cross_attn",),
+                "d_fuse": ("cross_attn", "qformer")}
+KNOB_KEYS = tuple(f"fusion.{k}" for k in FUSION_KNOBS)   # resolved configs and records: flat keys
+
+
+@dataclass
+class FusionAxes:
+    """The `fusion` group: `fusion=qformer` picks the kind, `fusion.num_queries=64` a knob.  A
+    knob left null is the recipe's stage-2 preset value; one that does not apply to the kind
+    (layers for qformer, num_queries for cross_attn, all for mar/llamagen) resolves to null."""
+    kind: Optional[str] = None               # none | cross_attn | qformer (None: qformer for d2c, else none)
+    num_queries: Optional[int] = None        # qformer: learned queries (1..MAR buffer_size)
+    depth: Optional[int] = None              # qformer: blocks of self-attn + cross-attn + MLP
+    layers: Optional[List[int]] = None       # cross_attn: decoder block indices that get a sublayer
+    d_fuse: Optional[int] = None             # width of the discrete-token embeddings (and the Q-Former)
+
+
 @dataclass
 class RunConfig:
     """One cell of a sweep.  Axes first, then where and how it runs."""
     model: str = "d2c"                       # d2c | mar | llamagen
-    fusion: Optional[str] = None             # none | cross_attn | qformer (None: qformer for d2c, else none)
+    fusion: FusionAxes = dataclasses.field(default_factory=FusionAxes)   # group: none | cross_attn | qformer
     discrete_model: Optional[str] = None     # stage-1 size preset (gpt_*); None: the recipe's
     steps: int = 16                          # MAR iterations
     diffusion_steps: Optional[int] = None    # respaced DDPM steps of the head; None: the preset's
@@ -82,6 +100,7 @@ class RunConfig:
 
 
 KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
+RESOLVED_KEYS = KEYS + KNOB_KEYS    # a resolved config: `fusion` is the kind, the knobs beside it
 NOT_IN_CELL_ID = ("results_dir", "device", "threads")   # where it runs, not what it computes
 # axes added after records existed: at their off value (or null: not applicable) they stay out of
 # the cell id, so a new axis never reruns a finished cell (d2c.results reads older records so)
@@ -101,11 +120,19 @@ def _or_null(check):
     return lambda v: v is None or check(v)
 
 
+def _block_list(v) -> bool:
+    return isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v) and all(map(_int_min(0), v))
+
+
 # key -> (rule, the `allowed:` text of its one-line error); resolve() checks in this order
 RULES = {
     "model": (lambda v: v in MODELS, ", ".join(MODELS)),
     "recipe": (lambda v: v in RECIPES, ", ".join(RECIPES)),
     "fusion": (_or_null(lambda v: v in FUSIONS), ", ".join(FUSIONS)),
+    "fusion.num_queries": (_or_null(_int_min(1)), "integers >= 1 (up to the MAR buffer_size) or null"),
+    "fusion.depth": (_or_null(_int_min(1)), "integers >= 1 or null"),
+    "fusion.layers": (_or_null(_block_list), "lists of distinct MAR decoder block indices, e.g. [0,2], or null"),
+    "fusion.d_fuse": (_or_null(_int_min(1)), "integers >= 1 (a multiple of the fusion heads) or null"),
     "discrete_model": (_or_null(lambda v: v in GPT_PRESETS), ", ".join(GPT_PRESETS) + " (or null: the recipe's)"),
     "steps": (_int_min(1), "integers >= 1"),
     "num_images": (_int_min(1), "integers >= 1"),
@@ -138,7 +165,8 @@ def allowed(key: str) -> str:
     return {
         "data": ", ".join(DATA_OPTIONS), "results_dir": "a folder path",
         "_target_": "classes in " + ", ".join(p + "*" for p in TARGET_PREFIXES),
-    }.get(key, "keys " + ", ".join(KEYS) + ", data.<field>, hydra/launcher=..., hydra.launcher.<field>")
+    }.get(key, "keys " + ", ".join(KEYS) + ", fusion.<knob> (" + ", ".join(FUSION_KNOBS) + "), data.<field>, "
+          "hydra/launcher=..., hydra.launcher.<field>")
 
 
 class ConfigError(ValueError):
@@ -153,6 +181,8 @@ def register_configs() -> None:
     """The run schema and the data group (ablations/run.py also registers the Hydra plugins)."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
+    for kind in FUSIONS:
+        cs.store(group="fusion", name=kind, node=FusionAxes(kind=kind))
     cs.store(group="data", name="shapes", node=DataConfig())
     cs.store(group="data", name="shapes_tiny", node=DataConfig(num_images=64, seed=5))
     cs.store(group="data", name="imagefolder", node=DataConfig(name="imagefolder"))
@@ -173,6 +203,57 @@ def _fusion_for_model(c: dict) -> None:
         c["fusion"] = "none"
 
 
+def _stage2_preset(c: dict):
+    """The recipe's stage-2 MARConfig with the knobs at their preset values."""
+    stage = recipe_stages(c["recipe"])["mar"]
+    return stage.preset, make_config(stage.preset, **stage.overrides)
+
+
+def _preset_knob(mar, knob: str):
+    v = getattr(mar.fusion, knob)
+    if knob == "layers":   # null in FusionConfig: a sublayer after every decoder block
+        return list(range(mar.decoder_depth)) if v is None else sorted(v)
+    return v
+
+
+def fusion_overrides(c: dict) -> dict:
+    """The knobs of a resolved config that differ from the recipe's preset (FusionConfig fields):
+    what training sees, what enters the cell id and what `describe` prints."""
+    if c["model"] != "d2c":
+        return {}
+    _, mar = _stage2_preset(c)
+    out = {k: c[f"fusion.{k}"] for k in FUSION_KNOBS
+           if c[f"fusion.{k}"] is not None and c[f"fusion.{k}"] != _preset_knob(mar, k)}
+    if "layers" in out:
+        out["layers"] = tuple(out["layers"])
+    return out
+
+
+def _fusion_knobs(c: dict) -> None:
+    """Knobs that apply to the cell's fusion kind: the preset's value where null (records say what
+    ran); the others null.  The resulting stage-2 config is checked here (num_queries <= buffer_size,
+    layer indices < decoder_depth, d_fuse a multiple of the heads), before anything runs."""
+    for knob, kinds in FUSION_KNOBS.items():
+        key = f"fusion.{knob}"
+        if c["fusion"] not in kinds:
+            c[key] = None
+        elif c[key] is not None and knob == "layers":
+            c[key] = sorted(c[key])
+    if c["model"] != "d2c":
+        return
+    preset, mar = _stage2_preset(c)
+    for knob, kinds in FUSION_KNOBS.items():
+        if c["fusion"] in kinds and c[f"fusion.{knob}"] is None:
+            c[f"fusion.{knob}"] = _preset_knob(mar, knob)
+    try:
+        make_config(preset, fusion={**dataclasses.asdict(mar.fusion), "kind": c["fusion"], **fusion_overrides(c)})
+    except ValueError as e:
+        key, _, rest = str(e).partition("=")
+        value, _, why = rest.partition("; ")
+        full = key if key.startswith("fusion.") else "fusion"
+        raise ConfigError(full, value, message=f"{full}={value}: {why} (stage-2 preset {preset})") from None
+
+
 def resolve(config) -> dict:
     """Check a composed config (DictConfig or dict) and return the resolved run config: fusion
     defaulted per model, axes that do not apply to a model set to null.  Raises ConfigError."""
@@ -183,10 +264,17 @@ def resolve(config) -> dict:
         c = dict(config)
     c.pop("hydra", None)
     check_no_targets(c)
-    unknown = sorted(set(c) - set(KEYS))
+    if isinstance(c.get("fusion"), dict):   # the composed group -> the kind and flat knob keys
+        fu = c.pop("fusion")
+        unknown = sorted(set(fu) - {"kind", *FUSION_KNOBS})
+        if unknown:
+            raise ConfigError(f"fusion.{unknown[0]}", fu[unknown[0]], "unknown key")
+        c.update({"fusion": fu.get("kind"), **{f"fusion.{k}": fu.get(k) for k in FUSION_KNOBS}})
+    unknown = sorted(set(c) - set(RESOLVED_KEYS))
     if unknown:
         raise ConfigError(unknown[0], c[unknown[0]], "unknown key")
-    c = {**{f.name: f.default for f in dataclasses.fields(RunConfig) if f.name != "data"}, **c}
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.name not in ("data", "fusion")}
+    c = {**defaults, "fusion": None, **dict.fromkeys(KNOB_KEYS), **c}
     for key, (ok, _) in RULES.items():
         if not ok(c[key]):
             raise ConfigError(key, c[key])
@@ -210,6 +298,7 @@ def resolve(config) -> dict:
         c["discrete_model"] = None
     elif c["discrete_model"] is None:
         c["discrete_model"] = recipe_stages(c["recipe"])["gpt"].preset
+    _fusion_knobs(c)
     c["results_dir"] = str(check_results_dir(c["results_dir"]).resolve())
     return c
 
@@ -295,14 +384,22 @@ def build_recipe(c: dict):
         base = PRESETS[gpt.preset]
         fit = {k: getattr(base, k) for k in ("vocab_size", "block_size", "num_classes")}
         stages["gpt"] = dataclasses.replace(gpt, preset=c["discrete_model"], overrides={**gpt.overrides, **fit})
+    knobs = fusion_overrides(c)
+    if knobs:   # the fine-tuned stage only: the shared plain-MAR trunk has no fusion
+        mar = stages["mar"]
+        fusion = {**mar.overrides.get("fusion", {}), **knobs}
+        stages["mar"] = dataclasses.replace(mar, overrides={**mar.overrides, "fusion": fusion})
     return Recipe(data=DataConfig(**c["data"]), stages=stages)
 
 
 def keys(c: dict) -> tuple[str, str]:
     """(cell_id, train_key) of a resolved config."""
     from d2c.pipeline import mar_config
+    knobs = fusion_overrides(c)
+    # a knob at the preset's value is the cell that omits it (ids from before the knobs existed)
     cell = {k: v for k, v in c.items()
-            if k not in NOT_IN_CELL_ID and not (k in OFF_VALUES and v in (OFF_VALUES[k], None))}
+            if k not in NOT_IN_CELL_ID and not (k in OFF_VALUES and v in (OFF_VALUES[k], None))
+            and not (k in KNOB_KEYS and k.split(".", 1)[1] not in knobs)}
     recipe = build_recipe(c)
     fam = family_of(c)
     # every recipe stage the family depends on (gpt: llamagen and d2c; mar*: mar and d2c, incl.
@@ -330,9 +427,11 @@ def describe(c: dict) -> str:
     parts = [f"model={c['model']}"]
     if c["model"] == "d2c":
         parts.append(f"fusion={c['fusion']}")
+        parts += [f"fusion.{k}={list(v) if k == 'layers' else v}".replace(" ", "")
+                  for k, v in fusion_overrides(c).items()]
     if c["steps"] is not None:
         parts.append(f"steps={c['steps']}")
-    for k, d in (("diffusion_steps", None), *OFF_VALUES.items(), ("cfg", 1.0), ("temperature", 1.0), ("seed", 0)):
+    for k, d in (("diffusion_steps", None), *((k, v) for k, v in OFF_VALUES.items() if k not in KNOB_KEYS), ("cfg", 1.0), ("temperature", 1.0), ("seed", 0)):
         if c[k] not in (d, None):
             parts.append(f"{k}={c[k]}")
     return " ".join(parts)
@@ -372,8 +471,15 @@ def check_keys(overrides) -> None:
         base = key.split(".", 1)[0]
         if o.is_add() or o.is_force_add() or o.is_delete():
             raise ConfigError(key.lstrip("+~"), value, "appending or deleting keys is not supported")
-        if base not in SWEEP_KEYS or ("." in key and base != "data"):
+        if base not in SWEEP_KEYS or ("." in key and base not in ("data", "fusion")):
             raise ConfigError(key, value, "unknown key")
+        if base == "fusion" and "." in key and key.split(".", 1)[1] not in FUSION_KNOBS:
+            raise ConfigError(key, value, "unknown key")
+        if key == "fusion":   # the group's options (leave fusion out for the per-model default)
+            vals = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            for v in vals:
+                if v not in FUSIONS:
+                    raise ConfigError("fusion", v)
         if base == "data" and "." in key:
             f = key.split(".", 1)[1]
             if f not in {x.name for x in dataclasses.fields(DataConfig)}:
@@ -399,7 +505,7 @@ def expand(args: list[str]) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     overrides = parse(task_args(args))
     check_keys(overrides)
-    given = {o.get_key_element().split(".", 1)[0] for o in overrides}
+    given = {o.get_key_element() for o in overrides}   # a fusion knob alone keeps the default sweep
     groups = [()] if given & set(DEFAULT_AXES) else DEFAULT_SWEEP
     cells = []
     for g in groups:
@@ -558,7 +664,8 @@ def failed_record(cell: dict, error: str, env: dict | None = None) -> dict:
 
 # axes shown in the summary only when they differ between its cells
 SUMMARY_IF_VARIED = ("discrete_model", "diffusion_steps", *OFF_VALUES, "num_images", "seed")
-INT_COLUMNS = ("steps", "diffusion_steps", "diffusion_steps_last", "uncond_refresh", "num_images", "seed")
+INT_COLUMNS = ("steps", "diffusion_steps", "diffusion_steps_last", "uncond_refresh", "num_images", "seed",
+               "fusion.num_queries", "fusion.depth", "fusion.d_fuse")
 
 
 def summary_table(records: list[dict]):

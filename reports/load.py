@@ -38,7 +38,13 @@ AXES = {
     "head_sampler": ("head_sampler", "Head sampler", ("llamagen",)),
     "precision": ("config.precision", "Sampling precision", ()),   # `precision` is the metric
     "cfg": ("cfg", "CFG scale", ()),
+    # the fusion knobs (null where they do not apply to a record's fusion kind)
+    "fusion.num_queries": ("fusion.num_queries", "Q-Former queries", ()),
+    "fusion.depth": ("fusion.depth", "Q-Former depth", ()),
+    "fusion.layers": ("fusion.layers", "Cross-attention layers", ()),
+    "fusion.d_fuse": ("fusion.d_fuse", "Fusion width", ()),
 }
+VARIED_ONLY = ("fusion.num_queries", "fusion.depth", "fusion.layers", "fusion.d_fuse")   # a table only when swept
 SIZE_ORDER = ("tiny", "xs", "s", "small", "b", "base", "m", "medium", "l", "large", "xl", "xxl", "h", "huge")
 META = ("file", "cell_id", "status", "error", "family", "seed", "grid", "git_commit", "started_at",
         "finished_at", "hardware")

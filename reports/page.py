@@ -13,7 +13,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from d2c_reports import figures
-from d2c_reports.load import AXES, DASH, cells, config_columns, family_rank, log, order_key
+from d2c_reports.load import AXES, DASH, VARIED_ONLY, cells, config_columns, family_rank, log, order_key
 from d2c_reports.tables import axis_table, caption, table_latex, table_markdown, value_text
 
 def slug(text: str) -> str:
@@ -124,10 +124,12 @@ def build_report(runs, problems, results_dir: Path, out: Path, published_path: P
         md += [f"## Measured: {hw}", ""]
         for axis in AXES:
             t = axis_table(ch, axis, hw)
+            if t is None and axis in VARIED_ONLY:
+                continue
             if t is None:
                 md += [f"### {AXES[axis][1]}", "", f"_no records with config.{AXES[axis][0].removeprefix('config.')} on this hardware_", ""]
                 continue
-            base = out / "tables" / hs / axis
+            base = out / "tables" / hs / axis.replace(".", "_")   # with_suffix would eat ".num_queries"
             base.parent.mkdir(parents=True, exist_ok=True)
             mdt = table_markdown(t)
             base.with_suffix(".md").write_text(f"# {t.title}\n\n{caption(t)}\n\n{mdt}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from d2c_reports.load import AXES, DASH, METRICS, config_columns, order_key
+from d2c_reports.load import AXES, DASH, METRICS, VARIED_ONLY, config_columns, order_key
 
 def pareto_front(df: pd.DataFrame, x: str, y: str, higher_x: bool = True, lower_y: bool = True) -> pd.DataFrame:
     """Rows not dominated by any other row (at least as good on both, strictly better on one),
@@ -48,7 +48,7 @@ def axis_table(c: pd.DataFrame, axis: str, hardware: str) -> Table | None:
     if col not in c:
         return None
     sub = c[~c["family"].isin(skip) & c[col].notna()]
-    if sub.empty:
+    if sub.empty or (axis in VARIED_ONLY and sub[col].nunique() < 2):
         return None
     confs = [k for k in config_columns(sub) if k != col]
     varying = [k for k in confs if sub.groupby("family", dropna=False)[k].nunique(dropna=False).max() > 1]

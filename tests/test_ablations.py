@@ -147,6 +147,22 @@ def test_concurrent_cells_train_shared_stages_once(tmp_path, metrics_cache):
     assert len(recs) == 2 and len({r["train_key"] for r in recs}) == 1
 
 
+@pytest.mark.slow
+def test_fusion_knob_sweep_trains_each_variant(tmp_path, metrics_cache):
+    """`fusion.num_queries=4,8` (8: mar_tiny's): two stage-2 models, one with 4 learned queries;
+    records carry the values that ran; the same sweep without the knob is already done."""
+    from d2c.checkpoint import load_trained
+    rd = _results(tmp_path, metrics_cache)
+    args = ["-m", "model=d2c", "fusion=qformer", "steps=2", *TINY]
+    p = run([*args, "fusion.num_queries=4,8"], rd)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(r["config"]["fusion.num_queries"] for r in records(rd)) == [4, 8]
+    models = [load_trained(d) for d in sorted((rd / "ckpt").glob("d2c_qformer-*")) if d.is_dir()]
+    assert sorted(m.fusion.queries.shape[1] for m in models) == [4, 8]
+    again = run(args, rd)
+    assert again.returncode == 0 and trained(again.stdout + again.stderr) == [] and len(records(rd)) == 2
+
+
 # --------------------------------------------------------------------------- invalid configs
 
 
@@ -181,6 +197,12 @@ _bad_value = st.one_of(
     st.tuples(st.just("precision"), _word.filter(lambda w: w not in H.SAMPLING_PRECISIONS)),
     st.tuples(st.sampled_from(("diffusion_steps_last", "uncond_refresh")),
               st.one_of(st.integers(-100, 0).map(str), st.just("1.5"), _word.filter(lambda w: w != "null"))),
+    st.tuples(st.sampled_from(("fusion.num_queries", "fusion.depth", "fusion.d_fuse")),
+              st.one_of(st.integers(-100, 0).map(str), st.just("1.5"), _word.filter(lambda w: w != "null"))),
+    st.tuples(st.just("fusion.num_queries"), st.integers(17, 1000).map(str)),   # > mar_small's buffer_size 16
+    st.tuples(st.just("fusion.d_fuse"), st.integers(1, 1000).filter(lambda v: v % 4).map(str)),   # 4 heads
+    st.tuples(st.just("fusion.layers"), st.sampled_from(("[]", "[0,0]", "[-1]", "[3]", "[0,9]", "abc", "[a]", "1.5"))),
+    st.tuples(st.sampled_from(("fusion.kind", "fusion.num_heads", "fusion.codebook_size")), st.just("4")),
     st.tuples(st.sampled_from(("model=mar", "model=llamagen")).map(lambda m: "fusion"),
               st.sampled_from(("cross_attn", "qformer"))),
 )
@@ -229,6 +251,37 @@ def test_plan_flag_prints_the_cells_and_trains_nothing(run_mod, monkeypatch, cap
     assert sorted(re.search(r"fusion=(\w+) steps=(\d+)", ln).groups() for ln in rows) == \
         [("cross_attn", "2"), ("cross_attn", "4"), ("qformer", "2"), ("qformer", "4")]
     assert not rd.exists()                                   # nothing trained, nothing written
+
+
+def test_fusion_knobs_plan():
+    """The fusion group's knobs: a value equal to the preset's (mar_tiny: 8 queries, depth 1,
+    d_fuse 64, decoder blocks 0-1) is the cell without the knob; another value is a new cell with
+    a new train key; records carry the values that ran; a knob that does not apply is null; a knob
+    alone keeps the default comparison (the Q-Former cells get the value)."""
+    from hydra import initialize_config_dir
+    H.register_configs()
+    ids = lambda cells: [(c["cell_id"], c["train_key"]) for c in cells]  # noqa: E731
+    with initialize_config_dir(config_dir=str(REPO / "ablations" / "conf"), version_base=None):
+        default = H.plan([*TINY])
+        assert ids(H.plan([*TINY, "fusion.num_queries=8", "fusion.depth=1", "fusion.layers=[1,0]",
+                           "fusion.d_fuse=64"])) == ids(default)
+        swept = H.plan([*TINY, "fusion.num_queries=4,8"])
+        new = [c for c in swept if (c["cell_id"], c["train_key"]) not in ids(default)]
+        assert len(swept) == len(default) + 2 and {c["config"]["steps"] for c in new} == {16, 64}
+        assert all(c["config"]["fusion"] == "qformer" and c["config"]["fusion.num_queries"] == 4 for c in new)
+        assert len({c["train_key"] for c in new}) == 1
+        assert new[0]["train_key"] not in {k for _, k in ids(default)}
+        assert "fusion.num_queries=4" in H.describe(new[0]["config"])
+        qf = next(c for c in default if c["config"]["fusion"] == "qformer")["config"]
+        assert (qf["fusion.num_queries"], qf["fusion.depth"], qf["fusion.layers"], qf["fusion.d_fuse"]) == (8, 1, None, 64)
+        ca = H.plan([*TINY, "model=d2c", "fusion=cross_attn", "steps=2", "fusion.num_queries=4", "fusion.layers=[1]"])
+        plain = H.plan([*TINY, "model=d2c", "fusion=cross_attn", "steps=2"])
+        assert ca[0]["config"]["fusion.num_queries"] is None and ca[0]["config"]["fusion.layers"] == [1]
+        assert plain[0]["config"]["fusion.layers"] == [0, 1] and ca[0]["train_key"] != plain[0]["train_key"]
+        assert H.build_recipe(ca[0]["config"]).stages["mar"].overrides["fusion"] == {"layers": (1,)}
+        mar = H.plan([*TINY, "model=mar,llamagen", "fusion.d_fuse=32"])
+        assert ids(mar) == ids(H.plan([*TINY, "model=mar,llamagen"]))
+        assert all(c["config"][k] is None for c in mar for k in H.KNOB_KEYS)
 
 
 def test_plan_keys_sampling_axes_share_train_key():

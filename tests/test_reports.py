@@ -218,7 +218,9 @@ def test_every_axis_table_written(built):
     _, out, _, _ = built
     hw = out / "tables" / page.slug(L.hardware_label({"cpu_model": CPU, "gpu_name": GPU}))
     for axis in L.AXES:
-        assert (hw / f"{axis}.md").is_file() and (hw / f"{axis}.tex").is_file()
+        if axis not in L.VARIED_ONLY:   # the fusion knobs: a table only where one is swept
+            assert (hw / f"{axis}.md").is_file() and (hw / f"{axis}.tex").is_file()
+    assert not list(hw.glob("fusion_*"))
     fusion = parse_md_table(hw / "fusion.md")
     assert set(fusion["fusion"]) == {"none", "cross_attn", "qformer"}
     dm = parse_md_table(hw / "discrete_model.md")
@@ -381,6 +383,29 @@ def test_md_to_html_subset():
     assert "<h1>T</h1>" in h and "<strong>b</strong>" in h and "<code>c</code>" in h
     assert '<a href="p.html">x</a>' in h and '<img alt="i" src="a%20b.png">' in h
     assert "<td>1 | 2</td>" in h and h.count("<li>") == 2
+
+
+def test_fusion_knob_table_only_when_swept(tmp_path):
+    """A Q-Former query sweep gets its own table (Q-Former cells only, one row per value) beside
+    the fusion table, which it does not overwrite (file names of dotted axes)."""
+    recs = [record("d2c_cross_attn", 16, 2.0, 0, 12.0)]
+    recs[0]["config"].update({"fusion.layers": [0, 1, 2], "fusion.d_fuse": 128})
+    for q, fid in ((4, 9.0), (16, 10.0)):
+        for seed in (0, 1):
+            r = record("d2c_qformer", 16, 2.0, seed, fid + seed, cell_id=f"qf{q}-{seed}")
+            r["config"].update({"fusion.num_queries": q, "fusion.depth": 2, "fusion.d_fuse": 128})
+            recs.append(r)
+    for r in recs:
+        write_record(tmp_path, r)
+    assert mt.main(["--results", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    hw = tmp_path / "report" / "tables" / page.slug(L.hardware_label({"cpu_model": CPU, "gpu_name": GPU}))
+    t = parse_md_table(hw / "fusion_num_queries.md")
+    assert t["fusion.num_queries"].tolist() == ["4", "16"] and set(t["family"]) == {"d2c_qformer"}
+    assert [mean_std(v)[0] for v in t["FID"]] == [9.5, 10.5] and t["n"].tolist() == ["2", "2"]
+    assert set(parse_md_table(hw / "fusion.md")["fusion"]) == {"cross_attn", "qformer"}
+    for knob in ("depth", "layers", "d_fuse"):   # one value each: no table
+        assert not (hw / f"fusion_{knob}.md").exists()
+    assert "### Q-Former queries" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_records_that_predate_an_axis_read_as_its_off_value(tmp_path):

@@ -304,6 +304,10 @@ def validate(config) -> None:
         fu = config.fusion
         if fu.kind not in FusionConfig.KINDS:
             raise ValueError(f"fusion.kind={fu.kind!r}; allowed: {', '.join(FusionConfig.KINDS)}")
+        if fu.kind != "none" and fu.d_fuse % fu.num_heads:
+            raise ValueError(f"fusion.d_fuse={fu.d_fuse}; allowed: multiples of fusion.num_heads={fu.num_heads}")
+        if fu.kind == "qformer" and fu.depth < 1:
+            raise ValueError(f"fusion.depth={fu.depth}; allowed: integers >= 1")
         if fu.kind == "qformer" and not 0 < fu.num_queries <= config.buffer_size:
             raise ValueError(f"fusion.num_queries={fu.num_queries}; allowed: 1..buffer_size={config.buffer_size}")
         if fu.kind == "cross_attn" and fu.layers is not None:

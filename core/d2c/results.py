@@ -17,9 +17,11 @@ Schema version 1 (`SCHEMA_VERSION`), keys of a record:
     status        str    "ok" | "failed"
     error         str    one-line error of a failed run, else null
     family        str    llamagen | mar | d2c_cross_attn | d2c_qformer
-    config        dict   the run's axes: model, fusion, discrete_model, steps, diffusion_steps, cfg,
-                         temperature, num_images, data, seed (+ anything else the harness resolves);
-                         a key of ADDED_KEYS that a record predates reads as the value it implies
+    config        dict   the run's axes: model, fusion (the kind), fusion.num_queries / .depth / .layers /
+                         .d_fuse (the values that ran; null where they do not apply), discrete_model,
+                         steps, diffusion_steps, cfg, temperature, num_images, data, seed (+ anything
+                         else the harness resolves); a key of ADDED_KEYS that a record predates reads
+                         as the value it implies (a fusion knob: null, the preset's value unrecorded)
     metrics       dict   fid, is_mean, is_std, kid_mean, kid_std, precision, recall, class_accuracy
                          (floats; absent when not computed, e.g. for a failed run)
     speed         dict   d2c.metrics.speed_record: num_images, seconds_total, seconds_per_image,
@@ -53,7 +55,8 @@ SCHEMA_VERSION = 1
 # sampler, or, for the head's keys, null where the family has no diffusion head (its MAR steps
 # are null).  The harness keeps them out of the cell id at these values, so an older record is
 # the same cell.
-ADDED_KEYS = {"head_sampler": "ddpm", "diffusion_steps_last": None, "precision": "fp32", "uncond_refresh": None}
+ADDED_KEYS = {"head_sampler": "ddpm", "diffusion_steps_last": None, "precision": "fp32", "uncond_refresh": None,
+              "fusion.num_queries": None, "fusion.depth": None, "fusion.layers": None, "fusion.d_fuse": None}
 HEAD_KEYS = ("head_sampler", "diffusion_steps_last", "uncond_refresh")
 REQUIRED = ("schema", "cell_id", "status", "family", "config")
 STATUSES = ("ok", "failed")
