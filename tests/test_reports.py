@@ -278,7 +278,10 @@ def test_report_metadata_failed_and_published(built):
 def test_published_csv_sources():
     pub = pd.read_csv(SCRIPT.parent / "published.csv", dtype=str, keep_default_na=False)
     assert (pub["source"].str.len() > 10).all()
-    got = {r.model: (r.fid, r["is"]) for _, r in pub.iterrows()}
+    assert not pub.duplicated(["model", "mar_iterations", "diffusion_steps"]).any()
+    fast = pub[(pub["model"] == "MAR-H") & (pub["mar_iterations"] == "64")]
+    assert fast[["fid", "diffusion_steps"]].values.tolist() == [["1.65", "50"]]
+    got = {r.model: (r.fid, r["is"]) for _, r in pub[pub["mar_iterations"] != "64"].iterrows()}
     assert got["MAR-B"] == ("2.31", "281.7") and got["MAR-L"] == ("1.78", "296.0")
     assert got["MAR-H"] == ("1.55", "303.7") and got["LlamaGen-B"][0] == "5.46"
     assert got["LlamaGen-L"][0] == "3.80" and got["LlamaGen-XL"][0] == ""  # not in DESIGN.md: left out

@@ -244,3 +244,69 @@ def test_kl_spectral_term_is_the_l1_of_fft_amplitudes():
     want = np.abs(amp(recon) - amp(x.double().numpy())).mean()
     assert "spec" not in losses[0.0][1] and losses[0.7][1]["spec"] == pytest.approx(want, rel=1e-4)
     assert losses[0.7][0] - losses[0.0][0] == pytest.approx(0.7 * want, rel=1e-3)
+
+
+# --------------------------------------------------------------------------- rendezvous under plain srun
+
+
+@pytest.mark.parametrize("nodes, first", [
+    ("gpu07", "gpu07"), ("gpu[07-09,12],cpu1", "gpu07"), ("n[001-004]-ib", "n001-ib"),
+    ("rack[1-2]-n[01-04],x9", "rack1-n01"), ("a-[7,9-10],b[1-2]", "a-7"), ("h1,h2", "h1"), ("a[5]", "a5")])
+def test_first_host_of_slurm_node_lists(nodes, first):
+    from d2c.distributed import first_host
+    assert first_host(nodes) == first
+
+
+def test_rendezvous_from_slurm_variables(monkeypatch):
+    """Plain `srun` (no torchrun / submitit variables): the job's first node and a job-id port,
+    not 127.0.0.1 (which hangs every node but the first); the environment's own values win."""
+    from d2c.distributed import rendezvous
+    for k in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+    assert rendezvous() == ("127.0.0.1", "29500")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[12-13]")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242421")
+    assert rendezvous() == ("node12", str(10000 + 4242421 % 20000))
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.5")
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    assert rendezvous() == ("10.0.0.5", "1234")
+
+
+def _srun_worker(rank, job_id, q):
+    """A rank as plain `srun --ntasks 2` starts it: SLURM variables only."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    os.environ.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                      SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=str(job_id))
+    from d2c.distributed import init_distributed
+    try:
+        r, w, _ = init_distributed(torch.device("cpu"))
+        t = torch.tensor([float(r + 1)])
+        torch.distributed.all_reduce(t)
+        q.put((r, w, t.item(), os.environ["MASTER_PORT"]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_srun_ranks_meet_without_master_variables():
+    import random
+    import socket
+    for _ in range(100):   # a job id whose port (10000 + id % 20000) is free here
+        job_id = random.randrange(1, 10 ** 7)
+        port = 10000 + job_id % 20000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+    ctx = torch.multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_srun_worker, args=(r, job_id, q)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    got = sorted(q.get(timeout=5) for _ in procs)
+    assert got == [(0, 2, 3.0, str(port)), (1, 2, 3.0, str(port))]

@@ -1,8 +1,11 @@
 """The process group: rank and world from torchrun's or SLURM's variables (submitit sets the
-SLURM ones), NCCL on CUDA and gloo on CPU.  Alone, nothing is initialised."""
+SLURM ones), NCCL on CUDA and gloo on CPU.  Alone, nothing is initialised.
+Under plain `srun` (no torchrun, no submitit) the rendezvous is the job's first node (SLURM's
+node list) on a port derived from the job id, so that every node of the job meets there."""
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -18,10 +21,29 @@ def dist_env():
     return 0, 1, 0
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[07-09,12],cpu1" -> "gpu07"; every bracket of a
+    name, e.g. "rack[1-2]-n[01-04]" -> "rack1-n01"; zero padding as written)."""
+    head = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip())
+    if not head:
+        raise ValueError(f"SLURM node list {nodelist!r}: no host name in it")
+    return re.sub(r"\[([^\]\-,]+)[^\]]*\]", r"\1", head.group(0))
+
+
+def rendezvous() -> tuple[str, str]:
+    """(MASTER_ADDR, MASTER_PORT): the environment's when set (torchrun, submitit), else the first
+    node of a SLURM job and 10000 + job id mod 20000 (two jobs sharing a node do not collide),
+    else this host and 29500."""
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    job = os.environ.get("SLURM_JOB_ID")
+    addr = os.environ.get("MASTER_ADDR") or (first_host(nodes) if nodes else "127.0.0.1")
+    port = os.environ.get("MASTER_PORT") or (str(10000 + int(job) % 20000) if job and job.isdigit() else "29500")
+    return addr, port
+
+
 def init_distributed(device: torch.device):
     rank, world, local = dist_env()
     if world > 1 and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = rendezvous()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return rank, world, local
