@@ -42,6 +42,7 @@ FAULTS = ("raise", "exit", "raise_if_seed_mod5")
 TARGET_PREFIXES = ("d2c.", "hydra_plugins.d2c_ablations.", "hydra._internal.core_plugins.")
 RESULT_SUBDIRS = ("records", "grids", "ckpt", "cache", "hydra")   # what a sweep writes under results_dir
 GPT_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "gpt")
+MAR_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "mar")
 DATA_OPTIONS = ("shapes", "shapes_tiny", "imagefolder")
 
 DEFAULT_AXES = ("model", "fusion", "steps")   # axes DEFAULT_SWEEP sets; giving one replaces it
@@ -77,6 +78,7 @@ class RunConfig:
     model: str = "d2c"                       # d2c | mar | llamagen
     fusion: FusionAxes = dataclasses.field(default_factory=FusionAxes)   # group: none | cross_attn | qformer
     discrete_model: Optional[str] = None     # stage-1 size preset (gpt_*); None: the recipe's
+    mar_model: Optional[str] = None          # stage-2 size preset (mar_*); None: the recipe's
     steps: int = 16                          # MAR iterations
     diffusion_steps: Optional[int] = None    # respaced DDPM steps of the head; None: the preset's
     diffusion_steps_last: Optional[int] = None   # head steps fall linearly to this by the last MAR
@@ -134,6 +136,7 @@ RULES = {
     "fusion.layers": (_or_null(_block_list), "lists of distinct MAR decoder block indices, e.g. [0,2], or null"),
     "fusion.d_fuse": (_or_null(_int_min(1)), "integers >= 1 (a multiple of the fusion heads) or null"),
     "discrete_model": (_or_null(lambda v: v in GPT_PRESETS), ", ".join(GPT_PRESETS) + " (or null: the recipe's)"),
+    "mar_model": (_or_null(lambda v: v in MAR_PRESETS), ", ".join(MAR_PRESETS) + " (or null: the recipe's)"),
     "steps": (_int_min(1), "integers >= 1"),
     "num_images": (_int_min(1), "integers >= 1"),
     "batch_size": (_int_min(1), "integers >= 1"),
@@ -203,9 +206,24 @@ def _fusion_for_model(c: dict) -> None:
         c["fusion"] = "none"
 
 
+# what a stage-2 size preset takes from the recipe's: the token grid, latent width, classes and
+# stage-1 vocabulary (they are the data's and the tokenizers'); width, depth, head from the preset
+MAR_FIT = ("img_size", "vae_stride", "patch_size", "vae_embed_dim", "class_num")
+
+
+def sized_mar_stage(stage: TrainConfig, preset: Optional[str]) -> TrainConfig:
+    """A recipe's stage-2 TrainConfig at the size `preset` (mar_model), fitted to its data."""
+    if not preset or preset == stage.preset:
+        return stage
+    base = make_config(stage.preset, **stage.overrides)
+    fit = {k: getattr(base, k) for k in MAR_FIT}
+    fusion = {**stage.overrides.get("fusion", {}), "codebook_size": base.fusion.codebook_size}
+    return dataclasses.replace(stage, preset=preset, overrides={**stage.overrides, **fit, "fusion": fusion})
+
+
 def _stage2_preset(c: dict):
-    """The recipe's stage-2 MARConfig with the knobs at their preset values."""
-    stage = recipe_stages(c["recipe"])["mar"]
+    """The cell's stage-2 MARConfig (mar_model applied) with the knobs at their preset values."""
+    stage = sized_mar_stage(recipe_stages(c["recipe"])["mar"], c["mar_model"])
     return stage.preset, make_config(stage.preset, **stage.overrides)
 
 
@@ -298,6 +316,10 @@ def resolve(config) -> dict:
         c["discrete_model"] = None
     elif c["discrete_model"] is None:
         c["discrete_model"] = recipe_stages(c["recipe"])["gpt"].preset
+    if model == "llamagen":
+        c["mar_model"] = None
+    elif c["mar_model"] is None:
+        c["mar_model"] = recipe_stages(c["recipe"])["mar"].preset
     _fusion_knobs(c)
     c["results_dir"] = str(check_results_dir(c["results_dir"]).resolve())
     return c
@@ -384,6 +406,9 @@ def build_recipe(c: dict):
         base = PRESETS[gpt.preset]
         fit = {k: getattr(base, k) for k in ("vocab_size", "block_size", "num_classes")}
         stages["gpt"] = dataclasses.replace(gpt, preset=c["discrete_model"], overrides={**gpt.overrides, **fit})
+    for name in ("mar_trunk", "mar"):
+        if name in stages:
+            stages[name] = sized_mar_stage(stages[name], c["mar_model"])
     knobs = fusion_overrides(c)
     if knobs:   # the fine-tuned stage only: the shared plain-MAR trunk has no fusion
         mar = stages["mar"]
@@ -399,7 +424,8 @@ def keys(c: dict) -> tuple[str, str]:
     # a knob at the preset's value is the cell that omits it (ids from before the knobs existed)
     cell = {k: v for k, v in c.items()
             if k not in NOT_IN_CELL_ID and not (k in OFF_VALUES and v in (OFF_VALUES[k], None))
-            and not (k in KNOB_KEYS and k.split(".", 1)[1] not in knobs)}
+            and not (k in KNOB_KEYS and k.split(".", 1)[1] not in knobs)
+            and not (k == "mar_model" and v == recipe_stages(c["recipe"])["mar"].preset)}
     recipe = build_recipe(c)
     fam = family_of(c)
     # every recipe stage the family depends on (gpt: llamagen and d2c; mar*: mar and d2c, incl.
@@ -431,7 +457,10 @@ def describe(c: dict) -> str:
                   for k, v in fusion_overrides(c).items()]
     if c["steps"] is not None:
         parts.append(f"steps={c['steps']}")
-    for k, d in (("diffusion_steps", None), *((k, v) for k, v in OFF_VALUES.items() if k not in KNOB_KEYS), ("cfg", 1.0), ("temperature", 1.0), ("seed", 0)):
+    if c["mar_model"] not in (None, recipe_stages(c["recipe"])["mar"].preset):
+        parts.append(f"mar_model={c['mar_model']}")
+    for k, d in (("diffusion_steps", None), *((k, v) for k, v in OFF_VALUES.items() if k not in (*KNOB_KEYS, "mar_model")),
+                 ("cfg", 1.0), ("temperature", 1.0), ("seed", 0)):
         if c[k] not in (d, None):
             parts.append(f"{k}={c[k]}")
     return " ".join(parts)

@@ -34,6 +34,7 @@ VALUES = tuple(m[0] for m in METRICS) + tuple(f"{s}_s_img" for s in STAGES)
 AXES = {
     "fusion": ("fusion", "Fusion type", ("llamagen",)),
     "discrete_model": ("discrete_model", "Discrete model size", ("mar",)),
+    "mar_model": ("mar_model", "Continuous model size", ("llamagen",)),
     "steps": ("steps", "MAR steps", ("llamagen",)),
     "head_sampler": ("head_sampler", "Head sampler", ("llamagen",)),
     "precision": ("config.precision", "Sampling precision", ()),   # `precision` is the metric
@@ -44,7 +45,7 @@ AXES = {
     "fusion.layers": ("fusion.layers", "Cross-attention layers", ()),
     "fusion.d_fuse": ("fusion.d_fuse", "Fusion width", ()),
 }
-VARIED_ONLY = ("fusion.num_queries", "fusion.depth", "fusion.layers", "fusion.d_fuse")   # a table only when swept
+VARIED_ONLY = ("mar_model", "fusion.num_queries", "fusion.depth", "fusion.layers", "fusion.d_fuse")   # a table only when swept
 SIZE_ORDER = ("tiny", "xs", "s", "small", "b", "base", "m", "medium", "l", "large", "xl", "xxl", "h", "huge")
 META = ("file", "cell_id", "status", "error", "family", "seed", "grid", "git_commit", "started_at",
         "finished_at", "hardware")
@@ -192,7 +193,7 @@ def order_key(s: pd.Series) -> pd.Series:
     num = pd.to_numeric(s, errors="coerce")
     if num.notna().sum() == s.notna().sum():
         return num
-    if s.name == "discrete_model":
+    if s.name in ("discrete_model", "mar_model"):
         def rank(v):
             suffix = str(v).rsplit("_", 1)[-1].lower()
             return f"{SIZE_ORDER.index(suffix):02d}" if suffix in SIZE_ORDER else f"99{v}"

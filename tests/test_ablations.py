@@ -197,6 +197,7 @@ _bad_value = st.one_of(
     st.tuples(st.just("precision"), _word.filter(lambda w: w not in H.SAMPLING_PRECISIONS)),
     st.tuples(st.sampled_from(("diffusion_steps_last", "uncond_refresh")),
               st.one_of(st.integers(-100, 0).map(str), st.just("1.5"), _word.filter(lambda w: w != "null"))),
+    st.tuples(st.just("mar_model"), _word.filter(lambda w: w not in H.MAR_PRESETS and w != "null")),
     st.tuples(st.sampled_from(("fusion.num_queries", "fusion.depth", "fusion.d_fuse")),
               st.one_of(st.integers(-100, 0).map(str), st.just("1.5"), _word.filter(lambda w: w != "null"))),
     st.tuples(st.just("fusion.num_queries"), st.integers(17, 1000).map(str)),   # > mar_small's buffer_size 16
@@ -282,6 +283,35 @@ def test_fusion_knobs_plan():
         mar = H.plan([*TINY, "model=mar,llamagen", "fusion.d_fuse=32"])
         assert ids(mar) == ids(H.plan([*TINY, "model=mar,llamagen"]))
         assert all(c["config"][k] is None for c in mar for k in H.KNOB_KEYS)
+
+
+def test_mar_model_axis_sizes_stage_two():
+    """mar_model: the recipe's preset is the cell without it; another size keeps the recipe's token
+    grid, latent width, classes and stage-1 vocabulary (both MAR stages: trunk and fine-tune),
+    with width, depth and fusion defaults from the size preset; LlamaGen has no stage 2."""
+    import torch
+    import d2c
+    from hydra import initialize_config_dir
+    H.register_configs()
+    ids = lambda cells: [(c["cell_id"], c["train_key"]) for c in cells]  # noqa: E731
+    with initialize_config_dir(config_dir=str(REPO / "ablations" / "conf"), version_base=None):
+        small = H.plan(["model=mar,d2c", "steps=16"])
+        assert ids(H.plan(["model=mar,d2c", "steps=16", "mar_model=mar_small"])) == ids(small)
+        base = H.plan(["model=mar,d2c", "steps=16", "mar_model=mar_base"])
+        assert not set(ids(base)) & set(ids(small)) and all(c["config"]["mar_model"] == "mar_base" for c in base)
+        d2c_base = next(c for c in base if c["config"]["model"] == "d2c")
+        assert "mar_model=mar_base" in H.describe(d2c_base["config"]) and d2c_base["config"]["fusion.num_queries"] == 64
+        recipe = H.build_recipe(d2c_base["config"])
+        assert recipe.stages["mar_trunk"].preset == recipe.stages["mar"].preset == "mar_base"
+        with torch.device("meta"):
+            m = d2c.build("mar_base", **{**recipe.stages["mar"].overrides, "fusion": {
+                **recipe.stages["mar"].overrides["fusion"], "kind": "qformer"}})
+        small_cfg = d2c.config.make_config("mar_small")
+        assert (m.config.encoder_embed_dim, m.seq_len, m.config.class_num, m.config.vae_embed_dim) == \
+            (768, small_cfg.seq_len, small_cfg.class_num, small_cfg.vae_embed_dim)
+        assert m.fusion.code_emb.num_embeddings == small_cfg.fusion.codebook_size + 1
+        llama = H.plan(["model=llamagen", "mar_model=mar_base"])
+        assert llama[0]["config"]["mar_model"] is None and ids(llama) == ids(H.plan(["model=llamagen"]))
 
 
 def test_plan_keys_sampling_axes_share_train_key():

@@ -55,7 +55,7 @@ SCHEMA_VERSION = 1
 # sampler, or, for the head's keys, null where the family has no diffusion head (its MAR steps
 # are null).  The harness keeps them out of the cell id at these values, so an older record is
 # the same cell.
-ADDED_KEYS = {"head_sampler": "ddpm", "diffusion_steps_last": None, "precision": "fp32", "uncond_refresh": None,
+ADDED_KEYS = {"mar_model": None, "head_sampler": "ddpm", "diffusion_steps_last": None, "precision": "fp32", "uncond_refresh": None,
               "fusion.num_queries": None, "fusion.depth": None, "fusion.layers": None, "fusion.d_fuse": None}
 HEAD_KEYS = ("head_sampler", "diffusion_steps_last", "uncond_refresh")
 REQUIRED = ("schema", "cell_id", "status", "family", "config")
