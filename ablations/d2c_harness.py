@@ -430,10 +430,10 @@ def keys(c: dict) -> tuple[str, str]:
     fam = family_of(c)
     # every recipe stage the family depends on (gpt: llamagen and d2c; mar*: mar and d2c, incl.
     # an optional shared `mar_trunk`); the family's stage 2 with its fusion kind
-    train = {s: dataclasses.asdict(config) for s, config in recipe.stages.items()
+    train = {s: config.identity() for s, config in recipe.stages.items()
              if (fam.has_stage1 or s != "gpt") and (fam.has_stage2 or not s.startswith("mar"))}
     if fam.has_stage2:
-        train["stage2"] = dataclasses.asdict(mar_config(recipe, fam))
+        train["stage2"] = mar_config(recipe, fam).identity()
     train["data"] = dataclasses.asdict(recipe.data)
     # what the stage folders' keys also hash (d2c.pipeline): the resolved model configs (a preset
     # edited in code) and the generator version of the embedded data (an image folder's files are

@@ -310,3 +310,24 @@ def test_two_srun_ranks_meet_without_master_variables():
     assert [p.exitcode for p in procs] == [0, 0]
     got = sorted(q.get(timeout=5) for _ in procs)
     assert got == [(0, 2, 3.0, str(port)), (1, 2, 3.0, str(port))]
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
+    """accum_steps=4: four micro-batches of 2, gradients summed (each loss / 4), one update: the
+    same weights as one batch of 8 (float64, dropout off: an identity of the math, as for DDP).
+    The stage folder's key does not change with it (it is how a step runs, not what it computes)."""
+    from d2c.checkpoint import stable_hash
+    with _default_dtype(torch.float64):
+        train(train_config(train_steps=3, lr=1e-2), TokenSource(MemoryCache()), tmp_path / "one")
+        train(train_config(train_steps=3, lr=1e-2, accum_steps=4), TokenSource(MemoryCache()), tmp_path / "acc")
+        a, b = _weights(tmp_path / "acc"), _weights(tmp_path / "one")
+        init = d2c.build("gpt_tiny").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-10, rtol=1e-9)
+    assert max((a[k] - init[k]).abs().max() for k in a) > 1e-3
+    assert stable_hash(train_config(accum_steps=4)) == stable_hash(train_config())
+    assert stable_hash(train_config(batch_size=16)) != stable_hash(train_config())
+    with pytest.raises(ValueError, match="accum_steps=3"):
+        train(train_config(accum_steps=3), TokenSource(MemoryCache()), tmp_path / "bad")
+    with pytest.raises(ValueError, match="accum_steps=0"):
+        train(train_config(accum_steps=0), TokenSource(MemoryCache()), tmp_path / "bad")

@@ -98,7 +98,7 @@ def json_default(o):
     """JSON for what configs and records hold beyond plain types: dataclasses, tensors / numpy
     scalars, paths, tuples and sets; anything else by its str()."""
     if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return dataclasses.asdict(o)
+        return o.identity() if hasattr(o, "NOT_HASHED") else dataclasses.asdict(o)   # TrainConfig
     if isinstance(o, (set, frozenset, tuple)):
         return list(o)
     if hasattr(o, "item"):

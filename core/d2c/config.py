@@ -179,7 +179,8 @@ class TrainConfig:
     stage: str = "mar"                 # kl | vq | gpt | mar
     preset: str = "mar_tiny"
     overrides: dict = field(default_factory=dict)   # model config fields, as d2c.build takes them
-    batch_size: int = 64               # global batch (split over DDP ranks)
+    batch_size: int = 64               # global batch of one optimizer step: ranks x accum_steps x micro-batch
+    accum_steps: int = 1               # micro-batches per rank and step (gradients summed, then one update)
     train_steps: int = 1000            # optimizer steps
     lr: float = 1e-4
     warmup_steps: int = 100
@@ -207,9 +208,16 @@ class TrainConfig:
     max_consecutive_skips: int = 10
 
     STAGES = ("kl", "vq", "gpt", "mar")
+    # how a step is computed, not what it computes (accum_steps=k repeats k ranks, and no key names
+    # the ranks either): left out of the stage folders' and records' train keys, so it never retrains
+    NOT_HASHED = ("accum_steps",)
     SCHEDULES = ("constant", "cosine")
     PRECISIONS = ("auto", "bf16", "fp32")
     ON_NONFINITE = ("stop", "skip")
+
+    def identity(self) -> dict:
+        """The fields that name a training run (what the stage keys hash)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NOT_HASHED}
 
 
 # --------------------------------------------------------------------------- presets
@@ -297,7 +305,7 @@ def validate(config) -> None:
         if config.preset not in PRESETS or preset_kind(config.preset) != config.stage:
             ok = [p for p in PRESETS if preset_kind(p) == config.stage]
             raise ValueError(f"preset={config.preset!r} for stage {config.stage}; allowed: {', '.join(ok)}")
-        for name in ("batch_size", "train_steps", "max_consecutive_skips"):
+        for name in ("batch_size", "train_steps", "max_consecutive_skips", "accum_steps"):
             if getattr(config, name) < 1:
                 raise ValueError(f"{name}={getattr(config, name)}; allowed: integers >= 1")
     if isinstance(config, MARConfig):

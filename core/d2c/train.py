@@ -217,8 +217,10 @@ def train(config: TrainConfig, source, out, device=None, extra_batch: dict | Non
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    if config.batch_size % world:
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} ranks")
+    accum = config.accum_steps
+    if config.batch_size % (world * accum):
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} ranks x "
+                         f"accum_steps={accum}")
     model, model_config, ema, opt = _build(config, device)
     start, skipped, ema = _restore(config, out, model, ema, opt, device, init_from)
     if rank == 0:
@@ -229,6 +231,7 @@ def train(config: TrainConfig, source, out, device=None, extra_batch: dict | Non
         model, device_ids=[local] if device.type == "cuda" else None)
     log = _Log(config, out, rank, start)
     local_b = config.batch_size // world
+    micro = local_b // accum
     saved, in_a_row = start, 0          # step of the newest checkpoint; skipped batches in a row
 
     def checkpoint(at: int):
@@ -243,22 +246,31 @@ def train(config: TrainConfig, source, out, device=None, extra_batch: dict | Non
         with _stop_on_signals():
             for step in range(start, config.train_steps):
                 idx, flip = batch_indices(step, len(source), config.batch_size, config.seed)
-                sl = slice(rank * local_b, (rank + 1) * local_b)
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                         for k, v in {**source.get(idx[sl], flip[sl]), **(extra_batch or {})}.items()}
-                # Every step's randomness (masks, orders, noise, dropout) is a function of (seed, rank,
-                # step): a run resumed from any checkpoint repeats the uninterrupted one exactly.
-                torch.manual_seed(step_seed(config.seed, rank, step))
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, config)
-                with autocast_for(_train_dtype(device, config.precision, config.stage), device):
-                    loss, scalars = stage_loss(config.stage, ddp, batch, config)
-                loss_ok = bool(torch.isfinite(loss.detach()))
-                bad, stop_now = _agree(not loss_ok, world, device)
                 opt.zero_grad(set_to_none=True)
-                gnorm = None
+                gnorm, losses = None, []
+                for m in range(accum):   # rank r, micro-batch m: the slice of rank r*accum+m at accum 1
+                    sl = slice(rank * local_b + m * micro, rank * local_b + (m + 1) * micro)
+                    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                             for k, v in {**source.get(idx[sl], flip[sl]), **(extra_batch or {})}.items()}
+                    # Every step's randomness (masks, orders, noise, dropout) is a function of (seed,
+                    # slice, step): a resumed run repeats the uninterrupted one exactly, and
+                    # accum_steps=k on one rank repeats k ranks.
+                    torch.manual_seed(step_seed(config.seed, rank * accum + m, step))
+                    with autocast_for(_train_dtype(device, config.precision, config.stage), device):
+                        loss, scalars = stage_loss(config.stage, ddp, batch, config)
+                    loss_ok = bool(torch.isfinite(loss.detach()))
+                    bad, stop_now = _agree(not loss_ok, world, device)
+                    losses.append(loss.detach())
+                    if bad:
+                        break
+                    # DDP all-reduces the summed gradients once, in the last micro-batch's backward
+                    last = m == accum - 1
+                    with contextlib.nullcontext() if last or world == 1 else ddp.no_sync():
+                        (loss / accum).backward()
+                loss = torch.stack(losses).mean()
                 if not bad:
-                    loss.backward()
                     if config.grad_clip > 0:
                         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                         bad = not bool(torch.isfinite(gnorm))   # grads are all-reduced: same on every rank
