@@ -206,45 +206,57 @@ def _fusion_for_model(c: dict) -> None:
         c["fusion"] = "none"
 
 
-# what a stage-2 size preset takes from the recipe's: the token grid, latent width, classes and
-# stage-1 vocabulary (they are the data's and the tokenizers'); width, depth, head from the preset
-MAR_FIT = ("img_size", "vae_stride", "patch_size", "vae_embed_dim", "class_num")
+# what a size preset (discrete_model, mar_model) takes from the recipe's stage: what the data and
+# the tokenizers fix (token grid, latent width, classes, vocabulary); width, depth, head from the preset
+SIZE_FIT = {"gpt": ("vocab_size", "block_size", "num_classes"),
+            "mar": ("img_size", "vae_stride", "patch_size", "vae_embed_dim", "class_num")}
 
 
-def sized_mar_stage(stage: TrainConfig, preset: Optional[str]) -> TrainConfig:
-    """A recipe's stage-2 TrainConfig at the size `preset` (mar_model), fitted to its data."""
+def sized_stage(stage: TrainConfig, preset: Optional[str]) -> TrainConfig:
+    """A recipe's GPT or MAR TrainConfig at the size `preset`, fitted to the recipe's data."""
     if not preset or preset == stage.preset:
         return stage
     base = make_config(stage.preset, **stage.overrides)
-    fit = {k: getattr(base, k) for k in MAR_FIT}
-    fusion = {**stage.overrides.get("fusion", {}), "codebook_size": base.fusion.codebook_size}
-    return dataclasses.replace(stage, preset=preset, overrides={**stage.overrides, **fit, "fusion": fusion})
+    fit = {k: getattr(base, k) for k in SIZE_FIT[stage.stage]}
+    if stage.stage == "mar":   # the stage-1 vocabulary the fusion embeds
+        fit["fusion"] = {**stage.overrides.get("fusion", {}), "codebook_size": base.fusion.codebook_size}
+    return dataclasses.replace(stage, preset=preset, overrides={**stage.overrides, **fit})
 
 
 def _stage2_preset(c: dict):
     """The cell's stage-2 MARConfig (mar_model applied) with the knobs at their preset values."""
-    stage = sized_mar_stage(recipe_stages(c["recipe"])["mar"], c["mar_model"])
+    stage = sized_stage(recipe_stages(c["recipe"])["mar"], c["mar_model"])
     return stage.preset, make_config(stage.preset, **stage.overrides)
 
 
-def _preset_knob(mar, knob: str):
-    v = getattr(mar.fusion, knob)
-    if knob == "layers":   # null in FusionConfig: a sublayer after every decoder block
-        return list(range(mar.decoder_depth)) if v is None else sorted(v)
-    return v
+def preset_values(c: dict) -> dict:
+    """Axes whose off value is the recipe's preset, at that value: mar_model, and the fusion knobs
+    that apply to a D2C cell's kind.  At these values a key stays out of the cell id (the cell
+    that omits it, as before the axis existed) and out of `describe`."""
+    out = {"mar_model": recipe_stages(c["recipe"])["mar"].preset}
+    if c["model"] == "d2c":
+        _, mar = _stage2_preset(c)
+        for knob, kinds in FUSION_KNOBS.items():
+            if c["fusion"] in kinds:
+                v = getattr(mar.fusion, knob)
+                if knob == "layers":   # null in FusionConfig: a sublayer after every decoder block
+                    v = list(range(mar.decoder_depth)) if v is None else sorted(v)
+                out[f"fusion.{knob}"] = v
+    return out
 
 
-def fusion_overrides(c: dict) -> dict:
-    """The knobs of a resolved config that differ from the recipe's preset (FusionConfig fields):
-    what training sees, what enters the cell id and what `describe` prints."""
-    if c["model"] != "d2c":
-        return {}
-    _, mar = _stage2_preset(c)
-    out = {k: c[f"fusion.{k}"] for k in FUSION_KNOBS
-           if c[f"fusion.{k}"] is not None and c[f"fusion.{k}"] != _preset_knob(mar, k)}
+def fusion_overrides(c: dict, preset: dict | None = None) -> dict:
+    """The knobs of a resolved config that differ from the preset (FusionConfig fields): what
+    training sees."""
+    preset = preset_values(c) if preset is None else preset
+    out = {k.split(".", 1)[1]: c[k] for k in KNOB_KEYS if c[k] is not None and c[k] != preset.get(k)}
     if "layers" in out:
         out["layers"] = tuple(out["layers"])
     return out
+
+
+def _at_off_value(k: str, v, preset: dict) -> bool:
+    return (k in OFF_VALUES and v in (OFF_VALUES[k], None)) or (k in preset and v == preset[k])
 
 
 def _fusion_knobs(c: dict) -> None:
@@ -259,12 +271,14 @@ def _fusion_knobs(c: dict) -> None:
             c[key] = sorted(c[key])
     if c["model"] != "d2c":
         return
+    values = preset_values(c)
+    for key in KNOB_KEYS:
+        if key in values and c[key] is None:
+            c[key] = values[key]
     preset, mar = _stage2_preset(c)
-    for knob, kinds in FUSION_KNOBS.items():
-        if c["fusion"] in kinds and c[f"fusion.{knob}"] is None:
-            c[f"fusion.{knob}"] = _preset_knob(mar, knob)
     try:
-        make_config(preset, fusion={**dataclasses.asdict(mar.fusion), "kind": c["fusion"], **fusion_overrides(c)})
+        make_config(preset, fusion={**dataclasses.asdict(mar.fusion), "kind": c["fusion"],
+                                    **fusion_overrides(c, values)})
     except ValueError as e:
         key, _, rest = str(e).partition("=")
         value, _, why = rest.partition("; ")
@@ -400,15 +414,10 @@ def build_recipe(c: dict):
         stages = {k: dataclasses.replace(v, train_steps=c["train_steps"],
                                          warmup_steps=min(v.warmup_steps, c["train_steps"]))
                   for k, v in stages.items()}
-    gpt = stages["gpt"]
-    if c["discrete_model"] and c["discrete_model"] != gpt.preset:
-        # a size preset: width/depth from it, vocabulary / grid / classes from the recipe's
-        base = PRESETS[gpt.preset]
-        fit = {k: getattr(base, k) for k in ("vocab_size", "block_size", "num_classes")}
-        stages["gpt"] = dataclasses.replace(gpt, preset=c["discrete_model"], overrides={**gpt.overrides, **fit})
+    stages["gpt"] = sized_stage(stages["gpt"], c["discrete_model"])
     for name in ("mar_trunk", "mar"):
         if name in stages:
-            stages[name] = sized_mar_stage(stages[name], c["mar_model"])
+            stages[name] = sized_stage(stages[name], c["mar_model"])
     knobs = fusion_overrides(c)
     if knobs:   # the fine-tuned stage only: the shared plain-MAR trunk has no fusion
         mar = stages["mar"]
@@ -420,12 +429,8 @@ def build_recipe(c: dict):
 def keys(c: dict) -> tuple[str, str]:
     """(cell_id, train_key) of a resolved config."""
     from d2c.pipeline import mar_config
-    knobs = fusion_overrides(c)
-    # a knob at the preset's value is the cell that omits it (ids from before the knobs existed)
-    cell = {k: v for k, v in c.items()
-            if k not in NOT_IN_CELL_ID and not (k in OFF_VALUES and v in (OFF_VALUES[k], None))
-            and not (k in KNOB_KEYS and k.split(".", 1)[1] not in knobs)
-            and not (k == "mar_model" and v == recipe_stages(c["recipe"])["mar"].preset)}
+    preset = preset_values(c)
+    cell = {k: v for k, v in c.items() if k not in NOT_IN_CELL_ID and not _at_off_value(k, v, preset)}
     recipe = build_recipe(c)
     fam = family_of(c)
     # every recipe stage the family depends on (gpt: llamagen and d2c; mar*: mar and d2c, incl.
@@ -453,16 +458,12 @@ def describe(c: dict) -> str:
     parts = [f"model={c['model']}"]
     if c["model"] == "d2c":
         parts.append(f"fusion={c['fusion']}")
-        parts += [f"fusion.{k}={list(v) if k == 'layers' else v}".replace(" ", "")
-                  for k, v in fusion_overrides(c).items()]
     if c["steps"] is not None:
         parts.append(f"steps={c['steps']}")
-    if c["mar_model"] not in (None, recipe_stages(c["recipe"])["mar"].preset):
-        parts.append(f"mar_model={c['mar_model']}")
-    for k, d in (("diffusion_steps", None), *((k, v) for k, v in OFF_VALUES.items() if k not in (*KNOB_KEYS, "mar_model")),
-                 ("cfg", 1.0), ("temperature", 1.0), ("seed", 0)):
-        if c[k] not in (d, None):
-            parts.append(f"{k}={c[k]}")
+    off = {**preset_values(c), "diffusion_steps": None, "cfg": 1.0, "temperature": 1.0, "seed": 0}
+    for k in ("diffusion_steps", *OFF_VALUES, "cfg", "temperature", "seed"):
+        if c[k] is not None and not _at_off_value(k, c[k], off):
+            parts.append(f"{k}={c[k]}".replace(" ", ""))   # fusion.layers=[0,2]: one word
     return " ".join(parts)
 
 
