@@ -1,10 +1,13 @@
 """Data: the embedded shapes dataset, ImageNet-style folders with ADM's centre crop, and the
 token cache (round trip against the tokenizers, reuse by key, crash safety)."""
 import json
+import os
+import socket
 import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,7 +280,7 @@ def test_cache_round_trip(built, shapes):
     assert meta["arrays"]["moments"]["dtype"] == "float32"
     assert meta["arrays"]["codes"] == {"file": "codes.npy", "shape": [N_IMAGES, 2, 8, 8], "dtype": "int16"}
     assert meta["num_valid"] == N_IMAGES and meta["num_bad"] == 0 and meta["image_size"] == [32, 32]
-    assert isinstance(np.load(cache.path / "moments.npy", mmap_mode="r"), np.memmap)
+    assert meta["num_shards"] == 1 and all(isinstance(a, np.memmap) for a in cache.shards["moments"])
     idx = torch.arange(N_IMAGES)
     for f in (0, 1):
         b = cache.get_batch(idx, f)
@@ -342,7 +345,7 @@ def test_cache_reused_by_key_and_key_changes(built, tok, shapes):
     assert token_cache_key(ShapesDataset(n=N_IMAGES, seed=6), kl, vq)[0] != key
     small = build_token_cache(ShapesDataset(n=8, seed=5, size=16), tmp_path, kl=None, vq=vq, batch_size=BATCH,
                               progress=False)
-    assert small.path != c1.path and small.moments is None and small.get_batch([0, 1], 0)["moments"] is None
+    assert small.path != c1.path and small.shards["moments"] is None and small.get_batch([0, 1], 0)["moments"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([c1.path.name, small.path.name])
 
 
@@ -365,47 +368,125 @@ def test_cache_crash_leaves_nothing_complete(tmp_path, tok):
         del vq.encode
     assert len(calls) == 3     # two calls a batch (image, flip): it died in the second batch
     key = token_cache_key(shapes, kl, vq)[0]
-    assert not cache_path(tmp_path, key).exists()
-    assert not any(is_complete(p) for p in tmp_path.iterdir())
+    assert not is_complete(cache_path(tmp_path, key)) and not any(is_complete(p) for p in tmp_path.iterdir())
+    assert [p.name for p in cache_path(tmp_path, key).iterdir()] == ["plan.json"]   # the temp shard went
     cache = build_token_cache(shapes, tmp_path, kl=kl, vq=vq, batch_size=4, progress=False)
     assert len(cache) == 12 and is_complete(cache.path, key)
     assert torch.equal(cache.get_batch([0], 0)["codes"][0], vq.encode(shapes[0][0][None])[0])
 
 
-def test_cache_killed_process_then_rebuild(tmp_path, tok):
-    """A build killed without any cleanup (os._exit) leaves only a temp folder; the next build
-    ignores it, succeeds and removes it."""
+# One build in a fresh process: tokenizers from safetensors, the generated folder, an optional
+# kill (os._exit, no cleanup) when the dataset reaches DIE_AT, and an optional gloo group.
+_BUILD = textwrap.dedent("""
+    import json, os, sys, torch, d2c
+    from safetensors.torch import load_file
+    from d2c.data import ImageFolder, build_token_cache
+    torch.set_num_threads(1)
+    kl, vq = d2c.build("kl_tiny"), d2c.build("vq_tiny")
+    kl.load_state_dict(load_file(sys.argv[1]))
+    vq.load_state_dict(load_file(sys.argv[2]))
+    ds = ImageFolder(sys.argv[3], image_size=32)
+    die, get = int(os.environ.get("DIE_AT", -1)), ds.get_or_none
+    ds.get_or_none = lambda i: os._exit(9) if i == die else get(i)
+    if os.environ.get("GLOO"):
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+    c = build_token_cache(ds, sys.argv[4], kl=kl, vq=vq, batch_size=2, shard_size=3, progress=False)
+    print(json.dumps({"path": str(c.path), "rows": len(c)}))
+""")
+SHARD_ROWS = 3
+
+
+def _generated_folder(root):
+    """3 classes of JPEG and PNG files at sizes other than the crop's, one of them corrupt."""
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        arr = rng.integers(0, 256, (33 + 3 * k, 60 - 2 * k, 3), dtype=np.uint8)
+        path = root / f"class{k % 3}" / f"img{k:02d}.{'jpg' if k % 2 else 'png'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path, quality=90) if k % 2 else _write_png(path, arr)
+    (root / "class1" / "img99.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tok):
+    """Tokenizer files, the generated folder, and its cache built by one process."""
     kl, vq = tok
-    torch.manual_seed(0)
-    ds = ShapesDataset(n=12, seed=1, size=16)
+    tmp = tmp_path_factory.mktemp("sharded")
     from safetensors.torch import save_file
-    save_file(kl.state_dict(), str(tmp_path / "kl.safetensors"))
-    save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, str(tmp_path / "vq.safetensors"))
-    script = textwrap.dedent(f"""
-        import os, torch, d2c
-        from safetensors.torch import load_file
-        from d2c.data import ShapesDataset, build_token_cache
-        torch.set_num_threads(1)
-        kl, vq = d2c.build("kl_tiny"), d2c.build("vq_tiny")
-        kl.load_state_dict(load_file({str(tmp_path / "kl.safetensors")!r}))
-        vq.load_state_dict(load_file({str(tmp_path / "vq.safetensors")!r}))
-        orig, n = vq.encode, [0]
-        def enc(x):
-            n[0] += 1
-            if n[0] == 3:
-                os._exit(9)
-            return orig(x)
-        vq.encode = enc
-        build_token_cache(ShapesDataset(n=12, seed=1, size=16), {str(tmp_path / "out")!r}, kl=kl, vq=vq,
-                          batch_size=4, progress=False)
-    """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 9, r.stderr
-    left = list((tmp_path / "out").iterdir())
-    assert len(left) == 1 and left[0].name.startswith(".tmp-tokens-") and not is_complete(left[0])
-    cache = build_token_cache(ds, tmp_path / "out", kl=kl, vq=vq, batch_size=4, progress=False)
-    assert len(cache) == 12
-    assert [p.name for p in (tmp_path / "out").iterdir()] == [cache.path.name]
+    save_file(kl.state_dict(), str(tmp / "kl.safetensors"))
+    save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, str(tmp / "vq.safetensors"))
+    folder = _generated_folder(tmp / "imgs")
+    ref = _builds(tmp, [{}], "one")[0]
+    return tmp, folder, ref
+
+
+def _builds(tmp, envs, out):
+    """Run one build process per env (together), return their outputs in order."""
+    args = [sys.executable, "-c", _BUILD, str(tmp / "kl.safetensors"), str(tmp / "vq.safetensors"),
+            str(tmp / "imgs"), str(tmp / out)]
+    procs = [subprocess.Popen(args, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for env in envs]
+    outs = [p.communicate(timeout=300) for p in procs]
+    return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+
+
+def _cache_bytes(path):
+    """Everything a reader sees: meta.json (dataset identity aside) and every shard array's bytes."""
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    files = {str(f.relative_to(path)): np.load(f).tobytes() for f in sorted(path.glob("shard-*/*.npy"))}
+    return meta, files
+
+
+def test_cache_built_by_two_ranks_equals_one(sharded):
+    tmp, folder, (rc, out, err) = sharded
+    assert rc == 0, err
+    ref = json.loads(out)
+    assert ref["rows"] == 12 and "left out 1 unreadable image(s) of 13" in err
+    meta, files = _cache_bytes(ref["path"])
+    assert meta["num_shards"] == 5 and meta["num_bad"] == 1 and meta["image_size"] == [32, 32]
+    assert len(files) == 15          # labels, moments, codes of every shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    gloo = [{"GLOO": "1", "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            for r in range(2)]
+    slurm = [{"SLURM_PROCID": str(r), "SLURM_NTASKS": "2"} for r in range(2)]   # no process group
+    runs = _builds(tmp, gloo, "gloo") + _builds(tmp, slurm, "slurm")
+    for rc, out, err in runs:
+        assert rc == 0, err
+    for name, (_, out, _) in zip(("gloo0", "gloo1", "slurm0", "slurm1"), runs):
+        path = json.loads(out)["path"]
+        assert Path(path).name == Path(ref["path"]).name, name       # same key
+        assert _cache_bytes(path) == (meta, files), name
+
+    # the ranks split the shards: rank r wrote shards r, r + 2, ... (pids differ in the tmp names)
+    cache = TokenCache(ref["path"])
+    ds = ImageFolder(folder, image_size=32)
+    good = [i for i, (p, _) in enumerate(ds.samples) if not p.endswith("img99.jpg")]
+    assert cache.labels.tolist() == [ds.samples[i][1] for i in good]
+
+
+def test_cache_killed_midway_resumes_to_the_same_cache(sharded):
+    tmp, _, (_, out, _) = sharded
+    ref = json.loads(out)["path"]
+    rc, _, err = _builds(tmp, [{"DIE_AT": "7"}], "killed")[0]     # dies in shard 2 (rows 6..8)
+    assert rc == 9, err
+    part = tmp / "killed" / Path(ref).name
+    assert not is_complete(part)
+    assert sorted(p.name for p in part.iterdir() if not p.name.startswith(".tmp-shard-00002-")) == \
+        ["plan.json", "shard-00000", "shard-00001"]
+    stamps = {s: (part / s / "shard.json").stat().st_mtime_ns for s in ("shard-00000", "shard-00001")}
+
+    rc, out, err = _builds(tmp, [{}], "killed")[0]
+    assert rc == 0, err
+    assert json.loads(out)["path"] == str(part) and is_complete(part)
+    assert {s: (part / s / "shard.json").stat().st_mtime_ns for s in stamps} == stamps   # kept, not rebuilt
+    assert not list(part.glob(".tmp-*"))                                                 # the dead temp went
+    assert _cache_bytes(part) == _cache_bytes(ref)
 
 
 def test_cache_from_imagefolder_leaves_out_bad(tmp_path, tok):
@@ -443,4 +524,6 @@ def test_cache_errors(tmp_path, tok, shapes):
         TokenCache(tmp_path)
     half = build_token_cache(ShapesDataset(n=4, seed=0, size=16), tmp_path, kl=kl, batch_size=4,
                              progress=False, moments_dtype="float16")
-    assert half.moments.dtype == np.float16 and half.get_batch([0], 0)["moments"].dtype == torch.float32
+    assert half.shards["moments"][0].dtype == np.float16 and half.get_batch([0], 0)["moments"].dtype == torch.float32
+    with pytest.raises(CacheError, match="shard_size=0"):
+        build_token_cache(shapes, tmp_path, kl=kl, shard_size=0)
