@@ -90,3 +90,30 @@ def test_attention_dispatch_matches_float64_reference(case):
         allowed &= kpm[1]
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), 0)
     torch.testing.assert_close(ref[1, 0, i], p @ v[1, 0])
+
+
+class _NotATensor:
+    """A global outside torch's weights_only allow-list: its file must be refused, never run."""
+
+
+def test_check_pretrained_reads_the_layout_before_anything_runs(tmp_path):
+    from d2c.checkpoint import check_pretrained
+    kl = d2c.build("kl_tiny")
+    torch.save({"model": kl.state_dict()}, tmp_path / "kl16.ckpt")           # MAR's container
+    save_safetensors(kl, tmp_path / "kl.safetensors")
+    for f in ("kl16.ckpt", "kl.safetensors"):
+        check_pretrained("kl_tiny", tmp_path / f)
+        with pytest.raises(CheckpointError, match=f"{f}: (shape mismatch|keys do not match)") as e:
+            check_pretrained("vq_tiny", tmp_path / f)                        # another model's file
+        assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="shape mismatch at"):
+        check_pretrained("kl_tiny", tmp_path / "kl16.ckpt", embed_dim=8)
+    torch.save({"model": kl.state_dict(), "extra": _NotATensor()}, tmp_path / "pickled.ckpt")
+    with pytest.raises(CheckpointError, match="refused to load, the file holds more than tensors"):
+        check_pretrained("kl_tiny", tmp_path / "pickled.ckpt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        check_pretrained("kl_tiny", tmp_path / "missing.ckpt")
+    data = (tmp_path / "kl.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        check_pretrained("kl_tiny", tmp_path / "cut.safetensors")

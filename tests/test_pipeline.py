@@ -125,3 +125,58 @@ def test_stage2_families_share_one_trunk(tmp_path, caplog):
     assert set(fam) - set(trunk) and all(k.startswith("fusion.") for k in set(fam) - set(trunk))
     for k, v in trunk.items():
         assert torch.equal(fam[k], v), k
+
+
+def test_public_tokenizers_are_loaded_not_trained_and_epochs_count_steps(tmp_path, caplog):
+    """recipe.pretrained: the KL / VQ files in MAR's and LlamaGen's containers are the tokenizers
+    (no tokenizer stage trains), the cache of an image folder holds their outputs, epochs become
+    steps over the readable images, and other weights in the same file path retrain downstream."""
+    import json
+
+    import d2c
+    from d2c.pipeline import Pretrained
+    from test_data import _generated_folder
+    caplog.set_level(logging.INFO, logger="d2c.pipeline")
+    folder = _generated_folder(tmp_path / "imgs")       # 12 readable images, 1 corrupt
+
+    def publish(seed):
+        torch.manual_seed(seed)
+        kl, vq = d2c.build("kl_tiny").eval(), d2c.build("vq_tiny").eval()
+        torch.save({"model": kl.state_dict()}, tmp_path / "kl16.ckpt")
+        torch.save({"model": vq.state_dict()}, tmp_path / "vq_ds16_c2i.pt")
+        return kl, vq
+
+    kl, vq = publish(1)
+    common = dict(batch_size=4, lr=1e-3, ema_decay=0.5, progress=False, tensorboard=False, precision="fp32")
+    recipe = Recipe(data=DataConfig(name="imagefolder", root=str(folder), image_size=32), stages={
+        "gpt": TrainConfig(stage="gpt", preset="gpt_tiny", train_epochs=2, warmup_epochs=1, **common),
+        "mar": TrainConfig(stage="mar", preset="mar_tiny", train_epochs=1, warmup_epochs=0, **common)},
+        pretrained={"kl": Pretrained("kl_tiny", str(tmp_path / "kl16.ckpt")),
+                    "vq": Pretrained("vq_tiny", str(tmp_path / "vq_ds16_c2i.pt"))})
+    pipe = Pipeline(recipe, root=tmp_path / "run", device="cpu")
+    m = pipe.models(Family("d2c", "qformer"))
+    assert sorted(trained_stages(caplog)) == ["d2c_qformer", "gpt"]
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "run" / "ckpt").iterdir() if p.is_dir()) == \
+        ["d2c_qformer", "gpt"]
+    assert torch.equal(m["kl"].encoder.conv_in.weight, kl.encoder.conv_in.weight)
+
+    x = pipe.dataset[0][0][None]
+    b = pipe.cache().get_batch([0], 0)
+    assert len(pipe.cache()) == 12
+    with torch.no_grad():
+        assert torch.equal(b["codes"], vq.encode(x)) and torch.allclose(b["moments"], kl.encode_moments(x), atol=1e-6)
+
+    # 12 images, batch 4: an epoch is 3 steps
+    for stage, steps, warmup in (("gpt", 6, 3), ("d2c_qformer", 3, 0)):
+        out = pipe._dirs[stage]
+        assert json.loads((out / "DONE").read_text())["train_steps"] == steps, stage
+        assert json.loads((out / "config.json").read_text())["train"]["warmup_steps"] == warmup, stage
+
+    caplog.clear()
+    Pipeline(recipe, root=tmp_path / "run", device="cpu").models(Family("d2c", "qformer"))
+    assert trained_stages(caplog) == []
+    publish(2)     # new weights under the same file names: a new cache, both stages retrain
+    caplog.clear()
+    Pipeline(recipe, root=tmp_path / "run", device="cpu").models(Family("d2c", "qformer"))
+    assert sorted(trained_stages(caplog)) == ["d2c_qformer", "gpt"]
+    assert len(list((tmp_path / "run" / "cache").glob("tokens-*"))) == 2

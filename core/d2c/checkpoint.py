@@ -39,7 +39,7 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
     return unwrap(safe_torch_load(path), str(path))
 
 
-def safe_torch_load(path):
+def safe_torch_load(path, mmap: bool = False):
     """torch.load(weights_only=True) with one-line CheckpointErrors: a pickle that names any
     global outside torch's tensor allow-list (and argparse.Namespace) is refused before it runs."""
     path = Path(path)
@@ -49,7 +49,12 @@ def safe_torch_load(path):
         # MAR's and LlamaGen's training scripts also store their argparse `args`; a Namespace only
         # sets attributes, so it is allowed while every other global stays refused.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:     # the pre-zip torch.save format cannot be mapped
+                if not mmap or "mmap" not in str(e):
+                    raise
+                return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused to load, the file holds more than tensors "
@@ -74,8 +79,9 @@ def unwrap(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_into(model: torch.nn.Module, sd: dict, strict: bool = True, source: str = "checkpoint"):
-    """load_state_dict with one readable error: missing/unexpected keys and the first shape mismatch."""
+def check_keys(model: torch.nn.Module, sd: dict, strict: bool = True, source: str = "checkpoint") -> None:
+    """The one readable error of a state dict that does not fit `model` (which may live on the
+    meta device): the first shape mismatch, or (strict) the missing / unexpected keys."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -90,8 +96,37 @@ def load_into(model: torch.nn.Module, sd: dict, strict: bool = True, source: str
             return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
         raise CheckpointError(f"{source}: keys do not match {type(model).__name__}: "
                               f"missing [{head(missing)}]; unexpected [{head(unexpected)}]")
+
+
+def load_into(model: torch.nn.Module, sd: dict, strict: bool = True, source: str = "checkpoint"):
+    """load_state_dict with one readable error: missing/unexpected keys and the first shape mismatch."""
+    check_keys(model, sd, strict, source)
     model.load_state_dict(sd, strict=strict)
     return model
+
+
+def check_pretrained(preset: str, path, **overrides) -> None:
+    """Whether `path` loads into `preset` (strict), reading only what it must: the safetensors
+    header, or a memory-mapped torch container; the model is built on the meta device.  Raises
+    the CheckpointError that loading would raise, before anything runs."""
+    import d2c
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                sd = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {first})") from None
+    else:
+        sd = unwrap(safe_torch_load(path, mmap=True), str(path))
+    with torch.device("meta"):
+        model = d2c.build(preset, **overrides)
+    check_keys(model, sd, True, str(path))
 
 
 def json_default(o):

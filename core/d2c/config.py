@@ -184,6 +184,11 @@ class TrainConfig:
     train_steps: int = 1000            # optimizer steps
     lr: float = 1e-4
     warmup_steps: int = 100
+    # the published recipes count epochs (an epoch: len(data) // batch_size steps, drop_last, the
+    # order of d2c.data.batches.batch_indices); set, they replace train_steps / warmup_steps
+    # (in_steps) once the dataset's size is known
+    train_epochs: Optional[float] = None
+    warmup_epochs: Optional[float] = None
     schedule: str = "constant"         # constant | cosine (after warmup)
     min_lr: float = 0.0
     weight_decay: float = 0.02
@@ -211,13 +216,30 @@ class TrainConfig:
     # how a step is computed, not what it computes (accum_steps=k repeats k ranks, and no key names
     # the ranks either): left out of the stage folders' and records' train keys, so it never retrains
     NOT_HASHED = ("accum_steps",)
+    # fields added after stage folders existed: at None they stay out of the key (no stage retrains)
+    HASHED_IF_SET = ("train_epochs", "warmup_epochs")
     SCHEDULES = ("constant", "cosine")
     PRECISIONS = ("auto", "bf16", "fp32")
     ON_NONFINITE = ("stop", "skip")
 
     def identity(self) -> dict:
         """The fields that name a training run (what the stage keys hash)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NOT_HASHED}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in self.NOT_HASHED and not (k in self.HASHED_IF_SET and v is None)}
+
+    def in_steps(self, num_items: int) -> "TrainConfig":
+        """train_epochs / warmup_epochs over `num_items` samples, as optimizer steps."""
+        if self.train_epochs is None and self.warmup_epochs is None:
+            return self
+        per_epoch = num_items // self.batch_size
+        if per_epoch < 1:
+            raise ValueError(f"batch_size={self.batch_size} is larger than the dataset ({num_items} items)")
+        steps = {}
+        if self.train_epochs is not None:
+            steps["train_steps"] = max(1, round(self.train_epochs * per_epoch))
+        if self.warmup_epochs is not None:
+            steps["warmup_steps"] = round(self.warmup_epochs * per_epoch)
+        return dataclasses.replace(self, **steps)
 
 
 # --------------------------------------------------------------------------- presets
@@ -308,6 +330,10 @@ def validate(config) -> None:
         for name in ("batch_size", "train_steps", "max_consecutive_skips", "accum_steps"):
             if getattr(config, name) < 1:
                 raise ValueError(f"{name}={getattr(config, name)}; allowed: integers >= 1")
+        for name in ("train_epochs", "warmup_epochs"):
+            v = getattr(config, name)
+            if v is not None and not (v > 0 or (name == "warmup_epochs" and v == 0)):
+                raise ValueError(f"{name}={v}; allowed: numbers > 0 (warmup_epochs: >= 0) or None")
     if isinstance(config, MARConfig):
         fu = config.fusion
         if fu.kind not in FusionConfig.KINDS:

@@ -52,9 +52,18 @@ def _default_stages() -> dict:
 
 
 @dataclass
+class Pretrained:
+    """A public tokenizer file, loaded instead of trained: MAR's `kl16.ckpt` (preset kl_16),
+    LlamaGen's `vq_ds16_c2i.pt` (vq_16), or a file of the same layout."""
+    preset: str
+    path: str
+
+
+@dataclass
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     stages: dict = field(default_factory=_default_stages)
+    pretrained: dict = field(default_factory=dict)   # "kl" / "vq" -> Pretrained (then no such stage trains)
 
 
 def mar_config(recipe: Recipe, family: Family, stage: str = "mar") -> TrainConfig:
@@ -101,6 +110,8 @@ class Pipeline:
         self.timings: dict[str, float] = {}   # seconds spent training each stage in this process
         self._dataset = self._cache = None
         self._dirs: dict[str, Path] = {}
+        self._ids: dict[str, str] = {}          # what names each tokenizer in its dependants' keys
+        self._pretrained: dict = {}
 
     @property
     def dataset(self):
@@ -112,6 +123,10 @@ class Pipeline:
         # the resolved model config is hashed too: editing a preset must not reuse old weights;
         # so is the dataset's identity (the token cache's), which names its generator version or files
         from d2c.data.cache import dataset_identity
+        source = None
+        if config.train_epochs is not None or config.warmup_epochs is not None:
+            source = source_fn()
+            config = config.in_steps(len(source))
         model_config = make_config(config.preset, **config.overrides)
         data = (self.recipe.data, dataset_identity(self.dataset))
         out = self.root / "ckpt" / f"{name}-{stable_hash([config, model_config, *data, *upstream], length=12)}"
@@ -121,7 +136,8 @@ class Pipeline:
                     last = sorted(p.name for p in out.glob("step_*")) if out.exists() else []
                     logger.info(f"training {name} -> {out}" + (f" (resuming from {last[-1]})" if last else ""))
                     t0 = time.perf_counter()
-                    train(config, source_fn(), out, device=self.device, extra_batch=extra, init_from=init_from)
+                    train(config, source or source_fn(), out, device=self.device, extra_batch=extra,
+                          init_from=init_from)
                     self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
         self._dirs[name] = out
         return out
@@ -134,22 +150,39 @@ class Pipeline:
         return ImageSource(ds.images, ds.labels)
 
     def _tokenizer_dir(self, kind: str) -> Path:
-        return self._ensure(kind, self.recipe.stages[kind], (), self._images)
+        out = self._ensure(kind, self.recipe.stages[kind], (), self._images)
+        self._ids[kind] = out.name
+        return out
+
+    def has_tokenizer(self, kind: str) -> bool:
+        return kind in self.recipe.pretrained or kind in self.recipe.stages
 
     def tokenizer(self, kind: str):
-        return load_trained(self._tokenizer_dir(kind), device=self.device)
+        """The trained tokenizer stage, or the recipe's public file (loaded once, strict)."""
+        if kind not in self.recipe.pretrained:
+            return load_trained(self._tokenizer_dir(kind), device=self.device)
+        if kind not in self._pretrained:
+            from d2c import load_pretrained
+            from d2c.data.cache import tokenizer_fingerprint
+            p = self.recipe.pretrained[kind]
+            model = load_pretrained(p.preset, p.path).to(self.device).eval()
+            self._pretrained[kind] = model
+            self._ids[kind] = f"{kind}-pretrained-{tokenizer_fingerprint(model)[:12]}"
+        return self._pretrained[kind]
 
     def cache(self):
+        """The token cache of the dataset under every tokenizer the recipe has (all ranks of a
+        job build it together: d2c.data.cache)."""
         if self._cache is None:
             from d2c.data.cache import build_token_cache
-            kl, vq = self.tokenizer("kl"), self.tokenizer("vq")
+            kl, vq = (self.tokenizer(k) if self.has_tokenizer(k) else None for k in ("kl", "vq"))
             self._cache = build_token_cache(self.dataset, self.root / "cache", kl=kl, vq=vq,
                                             device=self.device, batch_size=256)
         return self._cache
 
     def _upstream(self):
         self.cache()
-        return (self._dirs["kl"].name, self._dirs["vq"].name)
+        return tuple(self._ids[k] for k in ("kl", "vq") if k in self._ids)
 
     def gpt(self):
         out = self._ensure("gpt", self.recipe.stages["gpt"], self._upstream(),
@@ -183,6 +216,8 @@ class Pipeline:
         from d2c.metrics.detail import reconstruction_metrics
         out = {}
         for kind in ("kl", "vq"):
+            if kind in self.recipe.pretrained or kind not in self.recipe.stages:
+                continue     # measured on the embedded shapes: only for the tokenizers trained on them
             path = self._tokenizer_dir(kind) / "reconstruction.json"
             try:
                 m = json.loads(path.read_text())
