@@ -12,6 +12,7 @@ Sample grids: <results_dir>/grids/<cell_id>.png.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -34,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = Path(__file__).resolve().parent
 logger = logging.getLogger(__name__)
 
-RECIPES = ("small", "tiny")
+RECIPES = ("small", "tiny", "imagenet")
+PAPER_RECIPES = ("imagenet",)   # tokenizers from public files, an image folder, the ADM metrics
 # test hooks: a cell that raises, a job process that dies, a cell that raises when seed % 5 == 0
 # (one cell in five of a seed sweep: the load test's failure pattern)
 FAULTS = ("raise", "exit", "raise_if_seed_mod5")
@@ -43,6 +45,8 @@ TARGET_PREFIXES = ("d2c.", "hydra_plugins.d2c_ablations.", "hydra._internal.core
 RESULT_SUBDIRS = ("records", "grids", "ckpt", "cache", "hydra")   # what a sweep writes under results_dir
 GPT_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "gpt")
 MAR_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "mar")
+KL_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "kl")
+VQ_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "vq")
 DATA_OPTIONS = ("shapes", "shapes_tiny", "imagefolder")
 
 DEFAULT_AXES = ("model", "fusion", "steps")   # axes DEFAULT_SWEEP sets; giving one replaces it
@@ -73,6 +77,36 @@ class FusionAxes:
 
 
 @dataclass
+class TokenizerFiles:
+    """recipe=imagenet: the public tokenizers, loaded from local files (never trained), and the
+    presets they load into (strict)."""
+    kl: Optional[str] = None                 # MAR's kl16.ckpt
+    vq: Optional[str] = None                 # LlamaGen's vq_ds16_c2i.pt
+    kl_preset: Optional[str] = None          # None: kl_16
+    vq_preset: Optional[str] = None          # None: vq_16
+
+
+@dataclass
+class EvalFiles:
+    """recipe=imagenet: the ADM protocol's files (DESIGN.md section 3), from local paths."""
+    inception: Optional[str] = None          # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
+    reference: Optional[str] = None          # ADM's VIRTUAL_imagenet256_labeled.npz (mu, sigma, arr_0)
+
+
+# groups of plain fields: `tokenizer.kl=PATH`; flat keys in resolved configs and records
+FILE_GROUPS = {"tokenizer": TokenizerFiles, "eval": EvalFiles}
+FILE_KEYS = tuple(f"{g}.{f.name}" for g, cls in FILE_GROUPS.items() for f in dataclasses.fields(cls))
+# where each public file comes from (the one-line error of a missing or wrong file names it)
+FILE_SOURCES = {
+    "tokenizer.kl": "MAR's kl16.ckpt (github.com/LTH14/mar, README: pretrained VAE)",
+    "tokenizer.vq": "LlamaGen's vq_ds16_c2i.pt (github.com/FoundationVision/LlamaGen, README: VQ-VAE models)",
+    "eval.inception": "torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+                      "(github.com/toshas/torch-fidelity/releases/tag/v0.2.0)",
+    "eval.reference": "ADM's VIRTUAL_imagenet256_labeled.npz (openai/guided-diffusion, evaluations/README.md)",
+}
+
+
+@dataclass
 class RunConfig:
     """One cell of a sweep.  Axes first, then where and how it runs."""
     model: str = "d2c"                       # d2c | mar | llamagen
@@ -93,7 +127,14 @@ class RunConfig:
     seed: int = 0                            # sampling seed
     data: DataConfig = MISSING               # group: shapes | shapes_tiny | imagefolder
     recipe: str = "small"                    # training recipe: small (embedded default) | tiny (tests)
+                                             # | imagenet (paper scale: MAR's and LlamaGen's recipes)
+    tokenizer: TokenizerFiles = dataclasses.field(default_factory=TokenizerFiles)   # recipe=imagenet
+    eval: EvalFiles = dataclasses.field(default_factory=EvalFiles)                  # recipe=imagenet
     train_steps: Optional[int] = None        # replaces every stage's optimizer steps (training-relevant)
+    train_epochs: Optional[float] = None     # replaces every stage's epochs (recipe=imagenet)
+    train_batch_size: Optional[int] = None   # replaces every stage's global batch (imagenet: MAR's lr
+                                             # scales as 1e-4 x batch / 256, LlamaGen's stays 1e-4)
+    accum_steps: int = 1                     # micro-batches per rank and step (global batch unchanged)
     batch_size: int = 100                    # sampling batch
     results_dir: str = "results"             # records/, grids/, ckpt/, cache/
     device: Optional[str] = None             # None: cuda if available, else cpu
@@ -101,9 +142,9 @@ class RunConfig:
     fault: Optional[str] = None              # test hook: raise | exit | raise_if_seed_mod5
 
 
-KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
-RESOLVED_KEYS = KEYS + KNOB_KEYS    # a resolved config: `fusion` is the kind, the knobs beside it
-NOT_IN_CELL_ID = ("results_dir", "device", "threads")   # where it runs, not what it computes
+KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in FILE_GROUPS)
+RESOLVED_KEYS = KEYS + KNOB_KEYS + FILE_KEYS   # a resolved config: `fusion` is the kind, the knobs beside it
+NOT_IN_CELL_ID = ("results_dir", "device", "threads", "accum_steps")   # where / how it runs, not what
 # axes added after records existed: at their off value (or null: not applicable) they stay out of
 # the cell id, so a new axis never reruns a finished cell (d2c.results reads older records so)
 OFF_VALUES = ADDED_KEYS
@@ -120,6 +161,10 @@ def _number(ok):
 
 def _or_null(check):
     return lambda v: v is None or check(v)
+
+
+def _path(v) -> bool:
+    return isinstance(v, str) and bool(v.strip()) and "\0" not in v
 
 
 def _block_list(v) -> bool:
@@ -146,6 +191,15 @@ RULES = {
     "uncond_refresh": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "precision": (lambda v: v in SAMPLING_PRECISIONS, ", ".join(SAMPLING_PRECISIONS)),
     "train_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
+    "train_epochs": (_or_null(_number(lambda v: v > 0)), "numbers > 0 or null"),
+    "train_batch_size": (_or_null(_int_min(1)), "integers >= 1 or null"),
+    "accum_steps": (_int_min(1), "integers >= 1 (dividing the per-rank batch)"),
+    "tokenizer.kl": (_or_null(_path), "a file path (" + FILE_SOURCES["tokenizer.kl"] + ") or null"),
+    "tokenizer.vq": (_or_null(_path), "a file path (" + FILE_SOURCES["tokenizer.vq"] + ") or null"),
+    "tokenizer.kl_preset": (_or_null(lambda v: v in KL_PRESETS), ", ".join(KL_PRESETS) + " (or null: kl_16)"),
+    "tokenizer.vq_preset": (_or_null(lambda v: v in VQ_PRESETS), ", ".join(VQ_PRESETS) + " (or null: vq_16)"),
+    "eval.inception": (_or_null(_path), "a file path (" + FILE_SOURCES["eval.inception"] + ") or null"),
+    "eval.reference": (_or_null(_path), "a file path (" + FILE_SOURCES["eval.reference"] + ") or null"),
     "threads": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "seed": (_int_min(0), "integers >= 0"),
     "cfg": (_number(lambda v: v >= 0), "numbers >= 0"),
@@ -169,7 +223,7 @@ def allowed(key: str) -> str:
         "data": ", ".join(DATA_OPTIONS), "results_dir": "a folder path",
         "_target_": "classes in " + ", ".join(p + "*" for p in TARGET_PREFIXES),
     }.get(key, "keys " + ", ".join(KEYS) + ", fusion.<knob> (" + ", ".join(FUSION_KNOBS) + "), data.<field>, "
-          "hydra/launcher=..., hydra.launcher.<field>")
+          + ", ".join(FILE_KEYS) + ", hydra/launcher=..., hydra.launcher.<field>")
 
 
 class ConfigError(ValueError):
@@ -225,7 +279,7 @@ def sized_stage(stage: TrainConfig, preset: Optional[str]) -> TrainConfig:
 
 def _stage2_preset(c: dict):
     """The cell's stage-2 MARConfig (mar_model applied) with the knobs at their preset values."""
-    stage = sized_stage(recipe_stages(c["recipe"])["mar"], c["mar_model"])
+    stage = sized_stage(fitted_stages(c)["mar"], c["mar_model"])
     return stage.preset, make_config(stage.preset, **stage.overrides)
 
 
@@ -286,6 +340,80 @@ def _fusion_knobs(c: dict) -> None:
         raise ConfigError(full, value, message=f"{full}={value}: {why} (stage-2 preset {preset})") from None
 
 
+@functools.lru_cache(maxsize=64)
+def _file_problem(key: str, path: str, preset: Optional[str], stamp: tuple) -> Optional[str]:
+    """Why a public file cannot serve as `key` (None: it can), reading as little as it must;
+    memoised per file state, so a sweep checks each file once."""
+    try:
+        if key.startswith("tokenizer."):
+            from d2c.checkpoint import check_pretrained
+            check_pretrained(preset, path)
+        elif key == "eval.inception":
+            from d2c.metrics.fidelity import _check_inception_weights
+            _check_inception_weights(path)
+        else:
+            import numpy as np
+            if not path.endswith(".npz"):
+                return "not an .npz file"
+            with np.load(path) as z:         # lazy: the keys only, never arr_0's images
+                missing = [k for k in ("mu", "sigma") if k not in z.files]
+            if missing:
+                return f"no {' / '.join(missing)} in it (ADM's reference batch holds mu, sigma and arr_0)"
+    except ValueError as e:                  # CheckpointError, MetricsError (the key names the file)
+        return one_line(e).removeprefix(f"{path}: ")
+    except Exception as e:                   # a zip that is not an npz, an unreadable file
+        return one_line(e, with_type=True)
+    return None
+
+
+def _paper_files(c: dict) -> None:
+    """recipe=imagenet: an image folder and the files the cell needs, each checked before anything
+    runs (missing or wrong: one line naming the key, the file and where it comes from); the
+    presets at their defaults.  Other recipes train their tokenizers: no file keys."""
+    if c["recipe"] not in PAPER_RECIPES:
+        for k in FILE_KEYS:
+            if c[k] is not None:
+                raise ConfigError(k, c[k], f"only recipe={','.join(PAPER_RECIPES)} loads files (the small and tiny "
+                                           "recipes train their tokenizers and measure with the embedded nets)")
+        return
+    if c["data"].get("name") != "imagefolder":
+        raise ConfigError("recipe", c["recipe"], message=f"recipe={c['recipe']}: needs data=imagefolder "
+                                                         "data.root=<the ImageNet train folder>")
+    c["tokenizer.kl_preset"] = c["tokenizer.kl_preset"] or "kl_16"
+    c["tokenizer.vq_preset"] = c["tokenizer.vq_preset"] or "vq_16"
+    fam = family_of(c)
+    needed = {"tokenizer.kl": fam.has_stage2, "tokenizer.vq": fam.has_stage1, "eval.inception": True,
+              "eval.reference": True}
+    for key, need in needed.items():
+        if c[key] is None:
+            if need:
+                raise ConfigError(key, None, message=f"{key}=null: recipe={c['recipe']} model={c['model']} needs "
+                                                     f"it: {key}=<path to {FILE_SOURCES[key]}>")
+            continue
+        path = Path(c[key]).expanduser().resolve()
+        c[key] = str(path)
+        try:
+            st = path.stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            raise ConfigError(key, c[key], message=f"{key}={c[key]}: no such file; get {FILE_SOURCES[key]}") from None
+        preset = c.get(f"{key}_preset")
+        why = _file_problem(key, c[key], preset, stamp)
+        if why:
+            raise ConfigError(key, c[key], message=f"{key}={c[key]}: {why} (expected {FILE_SOURCES[key]}"
+                                                   + (f", loading into {preset})" if preset else ")"))
+    size = c["data"].get("image_size") or 256
+    strides = {k: make_config(c[f"tokenizer.{k}_preset"]).stride for k in ("kl", "vq")}
+    for k, stride in strides.items():
+        if size % stride:
+            raise ConfigError("data.image_size", size, f"not a multiple of the {c[f'tokenizer.{k}_preset']} "
+                                                       f"stride {stride}")
+    if c["model"] == "d2c" and strides["kl"] * make_config(recipe_stages(c["recipe"])["mar"].preset).patch_size \
+            != strides["vq"]:
+        raise ConfigError("tokenizer.vq_preset", c["tokenizer.vq_preset"],
+                          f"D2C needs the two token grids aligned: VQ stride {strides['vq']} vs KL stride {strides['kl']}")
+
+
 def resolve(config) -> dict:
     """Check a composed config (DictConfig or dict) and return the resolved run config: fusion
     defaulted per model, axes that do not apply to a model set to null.  Raises ConfigError."""
@@ -302,11 +430,19 @@ def resolve(config) -> dict:
         if unknown:
             raise ConfigError(f"fusion.{unknown[0]}", fu[unknown[0]], "unknown key")
         c.update({"fusion": fu.get("kind"), **{f"fusion.{k}": fu.get(k) for k in FUSION_KNOBS}})
+    for group, cls in FILE_GROUPS.items():   # tokenizer.kl, eval.reference, ...
+        if isinstance(c.get(group), dict):
+            fields = c.pop(group)
+            unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ConfigError(f"{group}.{unknown[0]}", fields[unknown[0]], "unknown key")
+            c.update({f"{group}.{k}": v for k, v in fields.items()})
     unknown = sorted(set(c) - set(RESOLVED_KEYS))
     if unknown:
         raise ConfigError(unknown[0], c[unknown[0]], "unknown key")
-    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.name not in ("data", "fusion")}
-    c = {**defaults, "fusion": None, **dict.fromkeys(KNOB_KEYS), **c}
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)
+                if f.name not in ("data", "fusion", *FILE_GROUPS)}
+    c = {**defaults, "fusion": None, **dict.fromkeys(KNOB_KEYS), **dict.fromkeys(FILE_KEYS), **c}
     for key, (ok, _) in RULES.items():
         if not ok(c[key]):
             raise ConfigError(key, c[key])
@@ -334,6 +470,7 @@ def resolve(config) -> dict:
         c["mar_model"] = None
     elif c["mar_model"] is None:
         c["mar_model"] = recipe_stages(c["recipe"])["mar"].preset
+    _paper_files(c)
     _fusion_knobs(c)
     c["results_dir"] = str(check_results_dir(c["results_dir"]).resolve())
     return c
@@ -401,19 +538,68 @@ def _tiny_stages() -> dict:
             "mar": TrainConfig(stage="mar", preset="mar_tiny", **common)}
 
 
+def _imagenet_stages() -> dict:
+    """The published recipes (DESIGN.md section 3), in epochs.  Stage 2, MAR's: AdamW (0.9, 0.95),
+    wd 0.02, lr 1e-4 x batch / 256 at MAR's global batch 2048 (64 a GPU on 32 GPUs in its README),
+    100 warmup epochs then constant, clip 3.0, EMA 0.9999, bf16, 400 epochs.  Stage 1, LlamaGen's
+    GPT: lr 1e-4 constant, wd 0.05, betas (0.9, 0.95), batch 256, clip 1.0, bf16, 300 epochs, no
+    EMA (decay 0: the EMA copy is the weights).  Both presets carry the 0.1 label / token dropout."""
+    common = dict(precision="bf16", ckpt_every=2000, log_every=100)
+    return {"gpt": TrainConfig(stage="gpt", preset="gpt_b", batch_size=256, lr=1e-4, weight_decay=0.05,
+                               grad_clip=1.0, ema_decay=0.0, train_epochs=300, warmup_epochs=0, **common),
+            "mar": TrainConfig(stage="mar", preset="mar_base", batch_size=2048, lr=mar_lr(2048),
+                               weight_decay=0.02, grad_clip=3.0, ema_decay=0.9999, train_epochs=400,
+                               warmup_epochs=100, **common)}
+
+
+def mar_lr(batch: int) -> float:
+    """MAR's learning-rate rule: base 1e-4 per 256 images of global batch."""
+    return 1e-4 * batch / 256
+
+
 def recipe_stages(name: str) -> dict:
     from d2c.pipeline import _default_stages
-    return _default_stages() if name == "small" else _tiny_stages()
+    return {"small": _default_stages, "tiny": _tiny_stages, "imagenet": _imagenet_stages}[name]()
+
+
+def tokenizer_fit(c: dict) -> dict:
+    """recipe=imagenet: what the tokenizer presets and the crop size fix in each stage (token grid,
+    vocabulary, latent width); classes stay the presets' 1000."""
+    kl, vq = make_config(c["tokenizer.kl_preset"]), make_config(c["tokenizer.vq_preset"])
+    size = c["data"].get("image_size") or 256
+    return {"gpt": {"vocab_size": vq.codebook_size, "block_size": (size // vq.stride) ** 2},
+            "mar": {"img_size": size, "vae_stride": kl.stride, "vae_embed_dim": kl.embed_dim,
+                    "fusion": {"codebook_size": vq.codebook_size}}}
+
+
+def fitted_stages(c: dict) -> dict:
+    """The recipe's stages, fitted to the cell's tokenizers at paper scale."""
+    stages = recipe_stages(c["recipe"])
+    if c["recipe"] in PAPER_RECIPES:
+        for name, fit in tokenizer_fit(c).items():
+            st = stages[name]
+            fusion = {**st.overrides.get("fusion", {}), **fit.pop("fusion", {})}
+            stages[name] = dataclasses.replace(st, overrides={**st.overrides, **fit, **({"fusion": fusion} if fusion else {})})
+    return stages
 
 
 def build_recipe(c: dict):
-    """The d2c.pipeline.Recipe of a resolved config (discrete_model and train_steps applied)."""
-    from d2c.pipeline import Recipe
-    stages = recipe_stages(c["recipe"])
-    if c["train_steps"] is not None:
-        stages = {k: dataclasses.replace(v, train_steps=c["train_steps"],
-                                         warmup_steps=min(v.warmup_steps, c["train_steps"]))
-                  for k, v in stages.items()}
+    """The d2c.pipeline.Recipe of a resolved config (sizes, training lengths and batch applied)."""
+    from d2c.pipeline import Pretrained, Recipe
+    stages = fitted_stages(c)
+    paper = c["recipe"] in PAPER_RECIPES
+    for k, v in list(stages.items()):
+        if c["train_steps"] is not None:       # steps win over the recipe's epochs
+            v = dataclasses.replace(v, train_steps=c["train_steps"], train_epochs=None, warmup_epochs=None,
+                                    warmup_steps=min(v.warmup_steps, c["train_steps"]))
+        elif c["train_epochs"] is not None:
+            w = v.warmup_epochs
+            v = dataclasses.replace(v, train_epochs=c["train_epochs"],
+                                    warmup_epochs=None if w is None else min(w, c["train_epochs"]))
+        if c["train_batch_size"] is not None:
+            lr = mar_lr(c["train_batch_size"]) if paper and v.stage == "mar" else v.lr
+            v = dataclasses.replace(v, batch_size=c["train_batch_size"], lr=lr)
+        stages[k] = dataclasses.replace(v, accum_steps=c["accum_steps"])
     stages["gpt"] = sized_stage(stages["gpt"], c["discrete_model"])
     for name in ("mar_trunk", "mar"):
         if name in stages:
@@ -423,7 +609,9 @@ def build_recipe(c: dict):
         mar = stages["mar"]
         fusion = {**mar.overrides.get("fusion", {}), **knobs}
         stages["mar"] = dataclasses.replace(mar, overrides={**mar.overrides, "fusion": fusion})
-    return Recipe(data=DataConfig(**c["data"]), stages=stages)
+    pretrained = {k: Pretrained(c[f"tokenizer.{k}_preset"], c[f"tokenizer.{k}"])
+                  for k in ("kl", "vq") if c[f"tokenizer.{k}"] is not None}
+    return Recipe(data=DataConfig(**c["data"]), stages=stages, pretrained=pretrained)
 
 
 def keys(c: dict) -> tuple[str, str]:
@@ -440,6 +628,8 @@ def keys(c: dict) -> tuple[str, str]:
     if fam.has_stage2:
         train["stage2"] = mar_config(recipe, fam).identity()
     train["data"] = dataclasses.asdict(recipe.data)
+    if recipe.pretrained:   # the files by path (the stage folders' keys hash their weights)
+        train["pretrained"] = {k: dataclasses.asdict(p) for k, p in recipe.pretrained.items()}
     # what the stage folders' keys also hash (d2c.pipeline): the resolved model configs (a preset
     # edited in code) and the generator version of the embedded data (an image folder's files are
     # not scanned here: a changed folder needs a new data.root or results_dir)
@@ -469,7 +659,7 @@ def describe(c: dict) -> str:
 
 # --------------------------------------------------------------------------- overrides -> cells
 
-SWEEP_KEYS = set(KEYS) | {"data"}
+SWEEP_KEYS = set(KEYS) | {"data"} | set(FILE_GROUPS)
 
 
 def _override_error(raw: str, e: Exception) -> ConfigError:
@@ -501,7 +691,8 @@ def check_keys(overrides) -> None:
         base = key.split(".", 1)[0]
         if o.is_add() or o.is_force_add() or o.is_delete():
             raise ConfigError(key.lstrip("+~"), value, "appending or deleting keys is not supported")
-        if base not in SWEEP_KEYS or ("." in key and base not in ("data", "fusion")):
+        if base not in SWEEP_KEYS or ("." in key and base not in ("data", "fusion", *FILE_GROUPS)) \
+                or (base in FILE_GROUPS and key not in FILE_KEYS):
             raise ConfigError(key, value, "unknown key")
         if base == "fusion" and "." in key and key.split(".", 1)[1] not in FUSION_KNOBS:
             raise ConfigError(key, value, "unknown key")
@@ -661,8 +852,8 @@ def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
         r = evaluate(pipe, fam, steps=c["steps"], num_images=c["num_images"], batch_size=c["batch_size"],
                      cfg=c["cfg"], temperature=c["temperature"], diffusion_steps=c["diffusion_steps"],
                      diffusion_steps_last=c["diffusion_steps_last"], head_sampler=c["head_sampler"],
-                     uncond_refresh=c["uncond_refresh"],
-                     precision=c["precision"], seed=c["seed"], progress=False)
+                     uncond_refresh=c["uncond_refresh"], inception=c["eval.inception"],
+                     reference=c["eval.reference"], precision=c["precision"], seed=c["seed"], progress=False)
         imgs = r["images"]
         from d2c.results import check_cell_id, safe_subdir
         grid = safe_subdir(results, "grids") / f"{check_cell_id(cell_id)}.png"

@@ -9,7 +9,8 @@
 
 Axes: model, fusion (+ fusion.num_queries, .depth, .layers, .d_fuse), discrete_model, mar_model, steps,
 diffusion_steps, diffusion_steps_last, head_sampler, uncond_refresh, precision, cfg, temperature,
-num_images, data, seed (and recipe, train_steps, results_dir, ...: see ablations/d2c_harness.py RunConfig).
+num_images, data, seed (and recipe, train_steps, train_epochs, tokenizer.kl, eval.reference, results_dir, ...:
+see ablations/d2c_harness.py RunConfig).
 Every cell of the sweep is composed and checked before anything runs: a bad key, value or
 combination prints `error: <key>=<value>: ... allowed: ...` and exits with status 2 (the
 d2c.cli.exit_on_user_error contract); so do a `_target_` outside d2c / this harness's plugins,

@@ -421,3 +421,105 @@ def test_a_record_from_before_a_training_change_is_stale(tmp_path, monkeypatch):
     assert is_finished(tmp_path, cell["cell_id"], cell["train_key"])
     assert not is_finished(tmp_path, cell["cell_id"], new_data["train_key"])
     assert not is_finished(tmp_path, cell["cell_id"], new_preset["train_key"])
+
+
+# --------------------------------------------------------------------------- recipe=imagenet
+
+
+@pytest.fixture(scope="module")
+def paper_files(tmp_path_factory):
+    """What a paper-scale cell reads, made here: a generated image folder (JPEG, PNG, sizes other
+    than the crop, one corrupt file), the tokenizers in MAR's and LlamaGen's containers (tiny
+    presets, random weights), a random-weights Inception in torch-fidelity's format, and an
+    ADM-format reference batch of the folder's images (arr_0 uint8 NHWC, mu, sigma)."""
+    import numpy as np
+    import torch
+
+    import d2c
+    from d2c.data import ImageFolder
+    from d2c.metrics import save_reference_stats
+    from test_data import _generated_folder
+    from test_metrics import make_inception_file
+    d = tmp_path_factory.mktemp("paper")
+    folder = _generated_folder(d / "imgs")
+    torch.manual_seed(0)
+    torch.save({"model": d2c.build("kl_tiny").state_dict()}, d / "kl16.ckpt")
+    torch.save({"model": d2c.build("vq_tiny").state_dict()}, d / "vq_ds16_c2i.pt")
+    inception = make_inception_file(d)
+    ds = ImageFolder(folder, image_size=32)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = torch.stack([ds.get_or_none(i)[0] for i in range(len(ds)) if ds.get_or_none(i) is not None])
+    real = ((real + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    stats = save_reference_stats(real, d / "stats.npz", mode="imagenet", weights_path=inception)
+    with np.load(stats) as z:
+        np.savez(d / "VIRTUAL_imagenet256_labeled.npz", arr_0=real.permute(0, 2, 3, 1).numpy(),
+                 mu=z["mu"], sigma=z["sigma"])
+    args = ["recipe=imagenet", "data=imagefolder", f"data.root={folder}", "data.image_size=32",
+            f"tokenizer.kl={d / 'kl16.ckpt'}", "tokenizer.kl_preset=kl_tiny",
+            f"tokenizer.vq={d / 'vq_ds16_c2i.pt'}", "tokenizer.vq_preset=vq_tiny",
+            f"eval.inception={inception}", f"eval.reference={d / 'VIRTUAL_imagenet256_labeled.npz'}",
+            "discrete_model=gpt_tiny", "mar_model=mar_tiny"]
+    return d, args
+
+
+class _NotATensor:
+    """A global outside torch's weights_only allow-list: its file must be refused, never run."""
+
+
+def test_paper_scale_files_checked_before_anything_runs(tmp_path, paper_files):
+    """A wrong, pickled or missing file: one line naming the key, the file and where it comes from,
+    exit 2, and nothing written."""
+    import torch
+
+    import d2c
+    d, args = paper_files
+    torch.save({"model": d2c.build("kl_tiny").state_dict(), "x": _NotATensor()}, d / "pickled.ckpt")
+    cases = [
+        ([f"tokenizer.kl={d / 'vq_ds16_c2i.pt'}"], ["tokenizer.kl=", "vq_ds16_c2i.pt: shape mismatch at",
+                                                   "expected MAR's kl16.ckpt", "loading into kl_tiny"]),
+        ([f"tokenizer.kl={d / 'pickled.ckpt'}"], ["refused to load, the file holds more than tensors"]),
+        (["tokenizer.vq=null"], ["tokenizer.vq=null: recipe=imagenet model=d2c needs it",
+                                 "LlamaGen's vq_ds16_c2i.pt"]),
+        ([f"eval.reference={d / 'stats.npz'}", "tokenizer.kl=/nonexistent/kl16.ckpt"],
+         ["tokenizer.kl=/nonexistent/kl16.ckpt: no such file; get MAR's kl16.ckpt"]),
+        ([f"eval.inception={d / 'kl16.ckpt'}"], ["eval.inception=", "wrong keys or shapes"]),
+    ]
+    for extra, needles in cases:
+        rd = tmp_path / "r"
+        p = run(["model=d2c", *args, *extra], rd)
+        assert p.returncode == 2, (extra, p.stdout[-2000:], p.stderr[-2000:])
+        err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("error: "), (extra, p.stderr)
+        for n in needles:
+            assert n in err[0], (n, err[0])
+        assert not rd.exists() or not any(rd.rglob("*.json")), extra
+    p = run(["model=d2c", "recipe=small", f"tokenizer.kl={d / 'kl16.ckpt'}"], tmp_path / "r")
+    assert p.returncode == 2 and "only recipe=imagenet loads files" in p.stderr
+    p = run(["model=d2c", *[a for a in args if not a.startswith("data")]], tmp_path / "r")
+    assert p.returncode == 2 and "recipe=imagenet: needs data=imagefolder" in p.stderr
+
+
+@pytest.mark.slow
+def test_paper_scale_cell_end_to_end(tmp_path, paper_files):
+    """One recipe=imagenet D2C cell on CPU: the public-layout tokenizer files loaded (no tokenizer
+    stage), the folder cached, both stages trained for two epochs, 10 images sampled and measured
+    with the Inception file against the ADM reference batch."""
+    d, args = paper_files
+    rd = tmp_path / "results"
+    t0 = time.perf_counter()
+    p = run(["model=d2c", "steps=4", "num_images=10", "batch_size=10", "train_epochs=2",
+             "train_batch_size=4", *args], rd, timeout=600)
+    wall = time.perf_counter() - t0
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(trained(p.stdout)) == ["d2c_qformer", "gpt"], p.stdout[-2000:]
+    (rec,) = records(rd)
+    assert rec["status"] == "ok", rec["error"]
+    m = rec["metrics"]
+    assert {"fid", "is_mean", "precision", "recall"} <= set(m) and "fid_detail" not in m
+    assert rec["config"]["recipe"] == "imagenet" and rec["config"]["tokenizer.kl_preset"] == "kl_tiny"
+    assert rec["config"]["train_epochs"] == 2.0
+    steps = {json.loads((x / "DONE").read_text())["train_steps"] for x in (rd / "ckpt").glob("*-*") if x.is_dir()}
+    assert steps == {6}                       # 12 readable images, batch 4: 3 steps an epoch
+    print(f"paper-scale e2e cell: {wall:.0f} s")

@@ -232,10 +232,13 @@ def test_balanced_labels():
 # ----------------------------------------------------------------------------- ImageNet mode
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
+    return make_inception_file(tmp_path_factory.mktemp("inception"))
+
+
+def make_inception_file(d):
     """A randomly initialised inception-v3-compat state dict: right keys/shapes, no download."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3 as Inc
 
-    d = tmp_path_factory.mktemp("inception")
     torch.save({}, d / "empty.pth")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Inc, "load_state_dict", lambda self, sd, strict=True: None)

@@ -245,12 +245,14 @@ class Pipeline:
 def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_images: int = 1000, batch_size: int = 100,
              cfg: float = 1.0, temperature: float = 1.0, diffusion_steps: int | None = None, seed: int = 0,
              diffusion_steps_last: int | None = None, head_sampler: str | None = "ddpm",
-             uncond_refresh: int | None = None,
+             uncond_refresh: int | None = None, inception=None, reference=None,
              precision: str = "fp32", progress: bool = True) -> dict:
-    """Sample `num_images` class-balanced images of a family and measure them: FID/IS/KID/PR
-    (embedded layout net), class accuracy, the detail metrics (fid_detail, spectral_distance,
-    high_pass_ratio), both tokenizers' reconstruction metrics (rfid_kl, rfid_vq, ...), and speed
-    (per-stage seconds, NFEs, peak memory)."""
+    """Sample `num_images` class-balanced images of a family and measure them, and speed
+    (per-stage seconds, NFEs, peak memory).  Embedded default: FID/IS/KID/PR (embedded layout
+    net), class accuracy, the detail metrics (fid_detail, spectral_distance, high_pass_ratio),
+    both tokenizers' reconstruction metrics (rfid_kl, rfid_vq, ...).  With `reference` (ADM's
+    statistics .npz) and `inception` (torch-fidelity's Inception file): FID/IS/KID/PR under the
+    ImageNet protocol's Inception, nothing embedded."""
     from d2c.metrics import balanced_labels, class_accuracy, compute_metrics, speed_record
     from d2c.metrics.detail import detail_metrics
     from d2c.sampling import SampleResult, d2c_sample
@@ -275,9 +277,13 @@ def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_imag
         nfe = res.nfe
     images = torch.cat(images)
     speed = speed_record(SampleResult(images, None, None, timings, nfe, res.dtypes), num_images, pipe.device)
-    metrics = compute_metrics(images, mode="embedded", cache_dir=pipe.root / "cache", device=pipe.device)
-    metrics["class_accuracy"] = class_accuracy(images, labels, cache_dir=pipe.root / "cache")
-    metrics.update(detail_metrics(images, cache_dir=pipe.root / "cache", device=pipe.device))
-    metrics.update(pipe.tokenizer_metrics())
+    if reference is not None:
+        metrics = compute_metrics(images, mode="imagenet", reference=reference, weights_path=inception,
+                                  device=pipe.device)
+    else:
+        metrics = compute_metrics(images, mode="embedded", cache_dir=pipe.root / "cache", device=pipe.device)
+        metrics["class_accuracy"] = class_accuracy(images, labels, cache_dir=pipe.root / "cache")
+        metrics.update(detail_metrics(images, cache_dir=pipe.root / "cache", device=pipe.device))
+        metrics.update(pipe.tokenizer_metrics())
     return {"family": family.name, "steps": steps, "cfg": cfg, "num_images": num_images,
             "metrics": metrics, "speed": speed, "images": images}

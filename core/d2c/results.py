@@ -56,7 +56,10 @@ SCHEMA_VERSION = 1
 # are null).  The harness keeps them out of the cell id at these values, so an older record is
 # the same cell.
 ADDED_KEYS = {"mar_model": None, "head_sampler": "ddpm", "diffusion_steps_last": None, "precision": "fp32", "uncond_refresh": None,
-              "fusion.num_queries": None, "fusion.depth": None, "fusion.layers": None, "fusion.d_fuse": None}
+              "fusion.num_queries": None, "fusion.depth": None, "fusion.layers": None, "fusion.d_fuse": None,
+              "train_epochs": None, "train_batch_size": None, "tokenizer.kl": None, "tokenizer.vq": None,
+              "tokenizer.kl_preset": None, "tokenizer.vq_preset": None, "eval.inception": None,
+              "eval.reference": None}
 HEAD_KEYS = ("head_sampler", "diffusion_steps_last", "uncond_refresh")
 REQUIRED = ("schema", "cell_id", "status", "family", "config")
 STATUSES = ("ok", "failed")
