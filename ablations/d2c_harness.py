@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import sys
@@ -93,8 +94,17 @@ class EvalFiles:
     reference: Optional[str] = None          # ADM's VIRTUAL_imagenet256_labeled.npz (mu, sigma, arr_0)
 
 
+@dataclass
+class InitFiles:
+    """recipe=imagenet: public weights that start a stage.  gpt: LlamaGen's c2i GPT is stage 1 as it
+    is (never trained).  mar: a MAR checkpoint starts stage 2 (fusion new and zero-init, the rest
+    strict) and fine-tunes for train_epochs; train_epochs=0 samples it as it is."""
+    gpt: Optional[str] = None                # e.g. LlamaGen's c2i_B_256.pt
+    mar: Optional[str] = None                # e.g. MAR-B's checkpoint-last.pth
+
+
 # groups of plain fields: `tokenizer.kl=PATH`; flat keys in resolved configs and records
-FILE_GROUPS = {"tokenizer": TokenizerFiles, "eval": EvalFiles}
+FILE_GROUPS = {"tokenizer": TokenizerFiles, "eval": EvalFiles, "init": InitFiles}
 FILE_KEYS = tuple(f"{g}.{f.name}" for g, cls in FILE_GROUPS.items() for f in dataclasses.fields(cls))
 # where each public file comes from (the one-line error of a missing or wrong file names it)
 FILE_SOURCES = {
@@ -103,6 +113,8 @@ FILE_SOURCES = {
     "eval.inception": "torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
                       "(github.com/toshas/torch-fidelity/releases/tag/v0.2.0)",
     "eval.reference": "ADM's VIRTUAL_imagenet256_labeled.npz (openai/guided-diffusion, evaluations/README.md)",
+    "init.gpt": "a LlamaGen c2i GPT checkpoint, e.g. c2i_B_256.pt (github.com/FoundationVision/LlamaGen, README)",
+    "init.mar": "a MAR checkpoint, e.g. MAR-B's checkpoint-last.pth (github.com/LTH14/mar, README)",
 }
 
 
@@ -130,6 +142,7 @@ class RunConfig:
                                              # | imagenet (paper scale: MAR's and LlamaGen's recipes)
     tokenizer: TokenizerFiles = dataclasses.field(default_factory=TokenizerFiles)   # recipe=imagenet
     eval: EvalFiles = dataclasses.field(default_factory=EvalFiles)                  # recipe=imagenet
+    init: InitFiles = dataclasses.field(default_factory=InitFiles)                  # recipe=imagenet
     train_steps: Optional[int] = None        # replaces every stage's optimizer steps (training-relevant)
     train_epochs: Optional[float] = None     # replaces every stage's epochs (recipe=imagenet)
     train_batch_size: Optional[int] = None   # replaces every stage's global batch (imagenet: MAR's lr
@@ -191,7 +204,7 @@ RULES = {
     "uncond_refresh": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "precision": (lambda v: v in SAMPLING_PRECISIONS, ", ".join(SAMPLING_PRECISIONS)),
     "train_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
-    "train_epochs": (_or_null(_number(lambda v: v > 0)), "numbers > 0 or null"),
+    "train_epochs": (_or_null(_number(lambda v: v >= 0)), "numbers >= 0 (0: init.* weights as they are) or null"),
     "train_batch_size": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "accum_steps": (_int_min(1), "integers >= 1 (dividing the per-rank batch)"),
     "tokenizer.kl": (_or_null(_path), "a file path (" + FILE_SOURCES["tokenizer.kl"] + ") or null"),
@@ -200,6 +213,8 @@ RULES = {
     "tokenizer.vq_preset": (_or_null(lambda v: v in VQ_PRESETS), ", ".join(VQ_PRESETS) + " (or null: vq_16)"),
     "eval.inception": (_or_null(_path), "a file path (" + FILE_SOURCES["eval.inception"] + ") or null"),
     "eval.reference": (_or_null(_path), "a file path (" + FILE_SOURCES["eval.reference"] + ") or null"),
+    "init.gpt": (_or_null(_path), "a file path (" + FILE_SOURCES["init.gpt"] + ") or null"),
+    "init.mar": (_or_null(_path), "a file path (" + FILE_SOURCES["init.mar"] + ") or null"),
     "threads": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "seed": (_int_min(0), "integers >= 0"),
     "cfg": (_number(lambda v: v >= 0), "numbers >= 0"),
@@ -341,13 +356,14 @@ def _fusion_knobs(c: dict) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _file_problem(key: str, path: str, preset: Optional[str], stamp: tuple) -> Optional[str]:
+def _file_problem(key: str, path: str, preset: Optional[str], overrides: str, stamp: tuple) -> Optional[str]:
     """Why a public file cannot serve as `key` (None: it can), reading as little as it must;
-    memoised per file state, so a sweep checks each file once."""
+    memoised per file state, so a sweep checks each file once.  overrides: the preset's fitted
+    fields, as JSON (hashable)."""
     try:
-        if key.startswith("tokenizer."):
+        if key.startswith(("tokenizer.", "init.")):
             from d2c.checkpoint import check_pretrained
-            check_pretrained(preset, path)
+            check_pretrained(preset, path, **json.loads(overrides))
         elif key == "eval.inception":
             from d2c.metrics.fidelity import _check_inception_weights
             _check_inception_weights(path)
@@ -371,6 +387,9 @@ def _paper_files(c: dict) -> None:
     runs (missing or wrong: one line naming the key, the file and where it comes from); the
     presets at their defaults.  Other recipes train their tokenizers: no file keys."""
     if c["recipe"] not in PAPER_RECIPES:
+        if c["train_epochs"] == 0:
+            raise ConfigError("train_epochs", 0, f"0 epochs trains nothing; only recipe={','.join(PAPER_RECIPES)} "
+                                                 "with init.gpt / init.mar starts from weights")
         for k in FILE_KEYS:
             if c[k] is not None:
                 raise ConfigError(k, c[k], f"only recipe={','.join(PAPER_RECIPES)} loads files (the small and tiny "
@@ -382,8 +401,25 @@ def _paper_files(c: dict) -> None:
     c["tokenizer.kl_preset"] = c["tokenizer.kl_preset"] or "kl_16"
     c["tokenizer.vq_preset"] = c["tokenizer.vq_preset"] or "vq_16"
     fam = family_of(c)
+    if not fam.has_stage1:       # weights of a stage the family lacks: not applicable (one cell)
+        c["init.gpt"] = None
+    if not fam.has_stage2:
+        c["init.mar"] = None
+    if c["train_epochs"] == 0:
+        for key, has in (("init.gpt", fam.has_stage1), ("init.mar", fam.has_stage2)):
+            if has and c[key] is None:
+                raise ConfigError("train_epochs", 0, f"0 epochs trains nothing: model={c['model']} needs {key}=<file>")
+    stages = fitted_stages(c)
+    fits = {"tokenizer.kl": (c["tokenizer.kl_preset"], {}), "tokenizer.vq": (c["tokenizer.vq_preset"], {}),
+            "eval.inception": (None, {}), "eval.reference": (None, {})}
+    for key, stage, size in (("init.gpt", "gpt", "discrete_model"), ("init.mar", "mar", "mar_model")):
+        if c[key] is not None:   # the file's model: the cell's size preset fitted to the recipe, no fusion
+            st = sized_stage(stages[stage], c[size])
+            ov = {**st.overrides, **({"fusion": {**st.overrides.get("fusion", {}), "kind": "none"}}
+                                     if stage == "mar" else {})}
+            fits[key] = (st.preset, ov)
     needed = {"tokenizer.kl": fam.has_stage2, "tokenizer.vq": fam.has_stage1, "eval.inception": True,
-              "eval.reference": True}
+              "eval.reference": True, "init.gpt": False, "init.mar": False}
     for key, need in needed.items():
         if c[key] is None:
             if need:
@@ -397,8 +433,8 @@ def _paper_files(c: dict) -> None:
             stamp = (st.st_size, st.st_mtime_ns)
         except OSError:
             raise ConfigError(key, c[key], message=f"{key}={c[key]}: no such file; get {FILE_SOURCES[key]}") from None
-        preset = c.get(f"{key}_preset")
-        why = _file_problem(key, c[key], preset, stamp)
+        preset, overrides = fits[key]
+        why = _file_problem(key, c[key], preset, json.dumps(overrides, sort_keys=True, default=list), stamp)
         if why:
             raise ConfigError(key, c[key], message=f"{key}={c[key]}: {why} (expected {FILE_SOURCES[key]}"
                                                    + (f", loading into {preset})" if preset else ")"))
@@ -611,7 +647,8 @@ def build_recipe(c: dict):
         stages["mar"] = dataclasses.replace(mar, overrides={**mar.overrides, "fusion": fusion})
     pretrained = {k: Pretrained(c[f"tokenizer.{k}_preset"], c[f"tokenizer.{k}"])
                   for k in ("kl", "vq") if c[f"tokenizer.{k}"] is not None}
-    return Recipe(data=DataConfig(**c["data"]), stages=stages, pretrained=pretrained)
+    init = {k: c[f"init.{k}"] for k in ("gpt", "mar") if c[f"init.{k}"] is not None}
+    return Recipe(data=DataConfig(**c["data"]), stages=stages, pretrained=pretrained, init=init)
 
 
 def keys(c: dict) -> tuple[str, str]:
@@ -630,6 +667,8 @@ def keys(c: dict) -> tuple[str, str]:
     train["data"] = dataclasses.asdict(recipe.data)
     if recipe.pretrained:   # the files by path (the stage folders' keys hash their weights)
         train["pretrained"] = {k: dataclasses.asdict(p) for k, p in recipe.pretrained.items()}
+    if recipe.init:
+        train["init"] = recipe.init
     # what the stage folders' keys also hash (d2c.pipeline): the resolved model configs (a preset
     # edited in code) and the generator version of the embedded data (an image folder's files are
     # not scanned here: a changed folder needs a new data.root or results_dir)

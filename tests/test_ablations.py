@@ -446,6 +446,12 @@ def paper_files(tmp_path_factory):
     torch.save({"model": d2c.build("kl_tiny").state_dict()}, d / "kl16.ckpt")
     torch.save({"model": d2c.build("vq_tiny").state_dict()}, d / "vq_ds16_c2i.pt")
     inception = make_inception_file(d)
+    # MAR's and LlamaGen's model containers, at the tiny presets as the harness fits them to the
+    # 32 px tiny tokenizers (classes: the ImageNet presets' 1000)
+    fit = dict(img_size=32, vae_stride=4, vae_embed_dim=4, class_num=1000)
+    torch.save({"model": d2c.build("mar_tiny", **fit).state_dict(),
+                "model_ema": d2c.build("mar_tiny", **fit).state_dict()}, d / "checkpoint-last.pth")
+    torch.save({"model": d2c.build("gpt_tiny", num_classes=1000).state_dict()}, d / "c2i_B_256.pt")
     ds = ImageFolder(folder, image_size=32)
     import warnings
     with warnings.catch_warnings():
@@ -485,6 +491,9 @@ def test_paper_scale_files_checked_before_anything_runs(tmp_path, paper_files):
         ([f"eval.reference={d / 'stats.npz'}", "tokenizer.kl=/nonexistent/kl16.ckpt"],
          ["tokenizer.kl=/nonexistent/kl16.ckpt: no such file; get MAR's kl16.ckpt"]),
         ([f"eval.inception={d / 'kl16.ckpt'}"], ["eval.inception=", "wrong keys or shapes"]),
+        ([f"init.mar={d / 'c2i_B_256.pt'}"], ["init.mar=", "c2i_B_256.pt: keys do not match MAR",
+                                               "expected a MAR checkpoint", "loading into mar_tiny"]),
+        (["train_epochs=0"], ["train_epochs=0: 0 epochs trains nothing: model=d2c needs init.gpt=<file>"]),
     ]
     for extra, needles in cases:
         rd = tmp_path / "r"
@@ -523,3 +532,12 @@ def test_paper_scale_cell_end_to_end(tmp_path, paper_files):
     steps = {json.loads((x / "DONE").read_text())["train_steps"] for x in (rd / "ckpt").glob("*-*") if x.is_dir()}
     assert steps == {6}                       # 12 readable images, batch 4: 3 steps an epoch
     print(f"paper-scale e2e cell: {wall:.0f} s")
+
+    # the public MAR file sampled as it is (train_epochs=0): nothing trains, the cache is reused
+    p = run(["model=mar", "steps=4", "num_images=10", "batch_size=10", "train_epochs=0",
+             f"init.mar={d / 'checkpoint-last.pth'}", f"init.gpt={d / 'c2i_B_256.pt'}", *args], rd, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert trained(p.stdout) == [], p.stdout[-2000:]
+    (mar,) = [r for r in records(rd) if r["family"] == "mar"]
+    assert mar["status"] == "ok" and mar["config"]["init.gpt"] is None     # not applicable to MAR
+    assert mar["config"]["init.mar"].endswith("checkpoint-last.pth") and "fid" in mar["metrics"]

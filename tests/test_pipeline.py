@@ -180,3 +180,57 @@ def test_public_tokenizers_are_loaded_not_trained_and_epochs_count_steps(tmp_pat
     Pipeline(recipe, root=tmp_path / "run", device="cpu").models(Family("d2c", "qformer"))
     assert sorted(trained_stages(caplog)) == ["d2c_qformer", "gpt"]
     assert len(list((tmp_path / "run" / "cache").glob("tokens-*"))) == 2
+
+
+def test_public_gpt_and_mar_start_the_stages(tmp_path, caplog):
+    """recipe.init: a GPT file is stage 1 as it is; a MAR file (MAR's container: model, model_ema,
+    args) starts a D2C stage 2 whose fusion is new and zero-init, so its first sampling equals the
+    MAR's under either fusion.  At train_epochs=0 nothing trains; else only stage 2, from the file."""
+    import argparse
+
+    import d2c
+    from d2c.pipeline import Pretrained
+    from test_data import _generated_folder
+    caplog.set_level(logging.INFO, logger="d2c.pipeline")
+    folder = _generated_folder(tmp_path / "imgs")
+    torch.manual_seed(3)
+    torch.save({"model": d2c.build("kl_tiny").state_dict()}, tmp_path / "kl16.ckpt")
+    torch.save({"model": d2c.build("vq_tiny").state_dict()}, tmp_path / "vq_ds16_c2i.pt")
+    gpt = d2c.build("gpt_tiny")
+    with torch.no_grad():
+        gpt.output.weight.normal_()        # LlamaGen zero-inits its head: a trained one is not
+    torch.save({"model": gpt.state_dict()}, tmp_path / "c2i_B_256.pt")
+    raw, ema = d2c.build("mar_tiny").state_dict(), d2c.build("mar_tiny").state_dict()
+    torch.save({"model": raw, "model_ema": ema, "epoch": 399, "args": argparse.Namespace(model="mar_tiny")},
+               tmp_path / "checkpoint-last.pth")
+    mar = d2c.load_pretrained("mar_tiny", tmp_path / "checkpoint-last.pth").eval()   # the EMA weights
+
+    def recipe(mar_epochs):
+        common = dict(batch_size=4, lr=1e-3, ema_decay=0.5, progress=False, tensorboard=False, precision="fp32")
+        return Recipe(data=DataConfig(name="imagefolder", root=str(folder), image_size=32), stages={
+            "gpt": TrainConfig(stage="gpt", preset="gpt_tiny", train_epochs=1, **common),
+            "mar": TrainConfig(stage="mar", preset="mar_tiny", train_epochs=mar_epochs, **common)},
+            pretrained={"kl": Pretrained("kl_tiny", str(tmp_path / "kl16.ckpt")),
+                        "vq": Pretrained("vq_tiny", str(tmp_path / "vq_ds16_c2i.pt"))},
+            init={"gpt": str(tmp_path / "c2i_B_256.pt"), "mar": str(tmp_path / "checkpoint-last.pth")})
+
+    labels, codes = torch.arange(4), torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, _ = mar.sample_tokens(labels, steps=4, cfg=2.0, generator=torch.Generator().manual_seed(5))
+    for kind in ("qformer", "cross_attn"):
+        m = Pipeline(recipe(0), root=tmp_path / "run", device="cpu").models(Family("d2c", kind))
+        assert m["mar"].fusion.kind == kind and torch.equal(m["gpt"].output.weight, gpt.output.weight)
+        with torch.no_grad():
+            got, _ = m["mar"].sample_tokens(labels, steps=4, cfg=2.0, codes=codes,
+                                            generator=torch.Generator().manual_seed(5))
+        assert torch.equal(got, want), kind
+    assert trained_stages(caplog) == [] and not (tmp_path / "run" / "ckpt").exists()
+
+    pipe = Pipeline(recipe(1), root=tmp_path / "run", device="cpu")
+    tuned = pipe.models(Family("d2c", "qformer"))["mar"]
+    assert trained_stages(caplog) == ["d2c_qformer"]                     # stage 1 stays the file's
+    assert pipe._dirs["d2c_qformer"].name.startswith("d2c_qformer-")
+    key = "encoder_blocks.0.attn.qkv.weight"
+    assert not torch.equal(tuned.state_dict()[key], mar.state_dict()[key])   # fine-tuned from it
+    with pytest.raises(ValueError, match="train_epochs=0 for stage gpt: it would train nothing"):
+        TrainConfig(stage="gpt", preset="gpt_tiny", train_epochs=0).in_steps(12)

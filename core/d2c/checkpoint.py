@@ -79,11 +79,13 @@ def unwrap(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     return obj
 
 
-def check_keys(model: torch.nn.Module, sd: dict, strict: bool = True, source: str = "checkpoint") -> None:
+def check_keys(model: torch.nn.Module, sd: dict, strict: bool = True, source: str = "checkpoint",
+               new: tuple = ()) -> None:
     """The one readable error of a state dict that does not fit `model` (which may live on the
-    meta device): the first shape mismatch, or (strict) the missing / unexpected keys."""
+    meta device): the first shape mismatch, or (strict) the missing / unexpected keys.  `new`:
+    prefixes of modules the file may lack (a D2C fusion on a MAR file), keeping their init."""
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
+    missing = [k for k in own if k not in sd and not k.startswith(new or "\0")]
     unexpected = [k for k in sd if k not in own]
     shapes = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own
               if k in sd and sd[k].shape != own[k].shape]
@@ -98,14 +100,25 @@ def check_keys(model: torch.nn.Module, sd: dict, strict: bool = True, source: st
                               f"missing [{head(missing)}]; unexpected [{head(unexpected)}]")
 
 
-def load_into(model: torch.nn.Module, sd: dict, strict: bool = True, source: str = "checkpoint"):
-    """load_state_dict with one readable error: missing/unexpected keys and the first shape mismatch."""
-    check_keys(model, sd, strict, source)
-    model.load_state_dict(sd, strict=strict)
+def load_into(model: torch.nn.Module, sd: dict, strict: bool = True, source: str = "checkpoint",
+              new: tuple = ()):
+    """load_state_dict with one readable error: missing/unexpected keys and the first shape
+    mismatch; modules under the prefixes `new` may be absent from `sd` (check_keys)."""
+    check_keys(model, sd, strict, source, new)
+    model.load_state_dict(sd, strict=strict and not new)
     return model
 
 
-def check_pretrained(preset: str, path, **overrides) -> None:
+def file_digest(path, length: int = 12) -> str:
+    """SHA-256 of a file's bytes (read in 16 MiB blocks: a public checkpoint is up to 4 GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+def check_pretrained(preset: str, path, new: tuple = (), **overrides) -> None:
     """Whether `path` loads into `preset` (strict), reading only what it must: the safetensors
     header, or a memory-mapped torch container; the model is built on the meta device.  Raises
     the CheckpointError that loading would raise, before anything runs."""
@@ -126,7 +139,7 @@ def check_pretrained(preset: str, path, **overrides) -> None:
         sd = unwrap(safe_torch_load(path, mmap=True), str(path))
     with torch.device("meta"):
         model = d2c.build(preset, **overrides)
-    check_keys(model, sd, True, str(path))
+    check_keys(model, sd, True, str(path), new)
 
 
 def json_default(o):

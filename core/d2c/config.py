@@ -231,6 +231,9 @@ class TrainConfig:
         """train_epochs / warmup_epochs over `num_items` samples, as optimizer steps."""
         if self.train_epochs is None and self.warmup_epochs is None:
             return self
+        if self.train_epochs == 0:
+            raise ValueError(f"train_epochs=0 for stage {self.stage}: it would train nothing; only a stage "
+                             f"that starts from a public file (init.mar) uses its weights as they are")
         per_epoch = num_items // self.batch_size
         if per_epoch < 1:
             raise ValueError(f"batch_size={self.batch_size} is larger than the dataset ({num_items} items)")
@@ -332,8 +335,8 @@ def validate(config) -> None:
                 raise ValueError(f"{name}={getattr(config, name)}; allowed: integers >= 1")
         for name in ("train_epochs", "warmup_epochs"):
             v = getattr(config, name)
-            if v is not None and not (v > 0 or (name == "warmup_epochs" and v == 0)):
-                raise ValueError(f"{name}={v}; allowed: numbers > 0 (warmup_epochs: >= 0) or None")
+            if v is not None and not v >= 0:
+                raise ValueError(f"{name}={v}; allowed: numbers >= 0 or None")
     if isinstance(config, MARConfig):
         fu = config.fusion
         if fu.kind not in FusionConfig.KINDS:

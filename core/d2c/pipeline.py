@@ -64,6 +64,10 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     stages: dict = field(default_factory=_default_stages)
     pretrained: dict = field(default_factory=dict)   # "kl" / "vq" -> Pretrained (then no such stage trains)
+    # "gpt" -> a public GPT file, stage 1 as it is (never trained); "mar" -> a public MAR file that
+    # starts stage 2 (fusion modules new and zero-init), fine-tuned for the stage's epochs, or
+    # used as it is at train_epochs=0
+    init: dict = field(default_factory=dict)
 
 
 def mar_config(recipe: Recipe, family: Family, stage: str = "mar") -> TrainConfig:
@@ -184,7 +188,17 @@ class Pipeline:
         self.cache()
         return tuple(self._ids[k] for k in ("kl", "vq") if k in self._ids)
 
+    def _public(self, config: TrainConfig, path, **overrides):
+        """A stage's model from a public file (strict; `fusion.*` may be new: zero-init)."""
+        import d2c
+        from d2c.checkpoint import load_into, load_state_dict_file
+        model = d2c.build(config.preset, **{**config.overrides, **overrides})
+        load_into(model, load_state_dict_file(path), source=str(path), new=("fusion.",))
+        return model.to(self.device).eval()
+
     def gpt(self):
+        if "gpt" in self.recipe.init:
+            return self._public(self.recipe.stages["gpt"], self.recipe.init["gpt"])
         out = self._ensure("gpt", self.recipe.stages["gpt"], self._upstream(),
                            lambda: TokenSource(self.cache()))
         return load_trained(out, device=self.device)
@@ -197,7 +211,13 @@ class Pipeline:
         config = mar_config(self.recipe, family)
         scale = self.tokenizer("kl").config.scale
         upstream, init = self._upstream(), None
-        if "mar_trunk" in self.recipe.stages:
+        if "mar" in self.recipe.init:       # a public MAR starts stage 2 (or is it, at 0 epochs)
+            from d2c.checkpoint import file_digest
+            init = Path(self.recipe.init["mar"])
+            if config.train_epochs == 0:
+                return self._public(config, init)
+            upstream = (*upstream, f"init-{file_digest(init)}")
+        elif "mar_trunk" in self.recipe.stages:
             trunk = mar_config(self.recipe, Family("mar"), stage="mar_trunk")
             init = self._ensure("mar_trunk", trunk, upstream, lambda: TokenSource(self.cache()),
                                 extra={"latent_scale": scale})

@@ -207,8 +207,9 @@ def train(config: TrainConfig, source, out, device=None, extra_batch: dict | Non
 
     source: ImageSource (kl, vq) or TokenSource (gpt, mar); extra_batch: constants added to
     every batch (e.g. {"latent_scale": s} for mar); init_from: a finished run of the same
-    stage whose weights start this one (a fresh run only; modules it lacks, e.g. a fusion
-    added to a MAR trunk, keep their init; any other key or shape difference is an error).
+    stage, or a public checkpoint file of it (MAR's checkpoint-last.pth), whose weights start
+    this one (a fresh run only; modules it lacks, e.g. a fusion added to a MAR trunk, keep
+    their init; any other key or shape difference is an error).
     """
     validate(config)
     out = Path(out)
@@ -325,17 +326,17 @@ def _build(config: TrainConfig, device):
 
 def _restore(config: TrainConfig, out: Path, model, ema, opt, device, init_from):
     """(first step, skipped steps, EMA): from the run's newest checkpoint, else from `init_from`'s
-    weights (missing fusion modules keep their init), else a fresh start."""
+    weights: a finished run's folder or a public checkpoint file (missing fusion modules keep
+    their zero-init, so a D2C model starts as that MAR), else a fresh start."""
     if out.exists() and checkpoint_dirs(out):
         start, shadow, state = load_checkpoint(out, model, opt)
         ema.shadow = {k: v.to(device) for k, v in shadow.items()}
         return start, list(state.get("skipped", [])), ema
     if init_from is not None:
-        sd = load_state_dict_file(checkpoint_dirs(Path(init_from))[-1] / "model.safetensors")
-        missing = [k for k in model.state_dict() if k not in sd]
-        if any(not k.startswith("fusion.") for k in missing) or set(sd) - set(model.state_dict()):
-            load_into(model, sd, source=str(init_from))     # raises, naming the keys
-        load_into(model, sd, strict=False, source=str(init_from))
+        init_from = Path(init_from)
+        sd = load_state_dict_file(init_from if init_from.is_file() else
+                                  checkpoint_dirs(init_from)[-1] / "model.safetensors")
+        load_into(model, sd, source=str(init_from), new=("fusion.",))
         ema = EMA(model, config.ema_decay)
     return 0, [], ema
 

@@ -14,7 +14,6 @@ Nothing here downloads: every extractor gets its weights from a path we checked 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import warnings
 import zipfile
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d2c.checkpoint import file_digest
 from d2c.metrics.feature_net import (DEFAULT_CACHE_DIR, FeatureNetConfig, MetricsError, _check_images, _load_net_file,
                                      _shapes_fingerprint, _torch_threads, load_feature_net)
 
@@ -243,10 +243,6 @@ def _load_error(name, path, e: RuntimeError) -> MetricsError:
     return MetricsError(f"weights {path}: wrong keys or shapes for {name} ({what}); {how}")
 
 
-def _file_digest(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
-
-
 # ============================================================================ metrics
 def compute_metrics(images, *, mode: str = "embedded", reference=None, weights_path=None, isc: bool = True, fid: bool = True, kid: bool = True,
                     prc: bool = True, device="cpu", batch_size: int = 64, cache_dir=DEFAULT_CACHE_DIR,
@@ -291,7 +287,7 @@ def compute_metrics(images, *, mode: str = "embedded", reference=None, weights_p
         if reference is None:  # named, so torch-fidelity caches its features: net digest + set identity
             reference = _LazyShapes(num_reference, reference_seed)
             ref_name = (f"d2c-shapes-n{num_reference}-s{reference_seed}-{_shapes_fingerprint(reference_seed)}"
-                        f"-net{_file_digest(weights_path)}")
+                        f"-net{file_digest(weights_path)}")
 
     device = torch.device(device)
     # cache=False: torch-fidelity reads its own cache back by full unpickling, so a file planted
