@@ -43,7 +43,7 @@ PAPER_RECIPES = ("imagenet",)   # tokenizers from public files, an image folder,
 FAULTS = ("raise", "exit", "raise_if_seed_mod5")
 # Hydra instantiates `_target_` classes (launcher, sweeper): only ours, Hydra's built-in ones and d2c's
 TARGET_PREFIXES = ("d2c.", "hydra_plugins.d2c_ablations.", "hydra._internal.core_plugins.")
-RESULT_SUBDIRS = ("records", "grids", "ckpt", "cache", "hydra")   # what a sweep writes under results_dir
+RESULT_SUBDIRS = ("records", "grids", "ckpt", "cache", "hydra", "samples")   # what a sweep writes under results_dir
 GPT_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "gpt")
 MAR_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "mar")
 KL_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "kl")
@@ -886,15 +886,20 @@ def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
             dist.barrier()
         fam = family_of(c)
         pipe.models(fam)                      # trains / resumes / reuses (all ranks under DDP)
+        sampler = dict(steps=c["steps"], num_images=c["num_images"], batch_size=c["batch_size"], cfg=c["cfg"],
+                       temperature=c["temperature"], diffusion_steps=c["diffusion_steps"],
+                       diffusion_steps_last=c["diffusion_steps_last"], head_sampler=c["head_sampler"],
+                       uncond_refresh=c["uncond_refresh"], precision=c["precision"], seed=c["seed"], progress=False)
+        from d2c.results import check_cell_id, safe_subdir
+        if c["recipe"] in PAPER_RECIPES:      # the ADM protocol: every rank samples its batches
+            from d2c.pipeline import evaluate_adm
+            r = evaluate_adm(pipe, fam, safe_subdir(results, "samples") / check_cell_id(cell_id),
+                             inception=c["eval.inception"], reference=c["eval.reference"], **sampler)
+        elif rank == 0:
+            r = evaluate(pipe, fam, **sampler)
         if rank != 0:
             return {}
-        r = evaluate(pipe, fam, steps=c["steps"], num_images=c["num_images"], batch_size=c["batch_size"],
-                     cfg=c["cfg"], temperature=c["temperature"], diffusion_steps=c["diffusion_steps"],
-                     diffusion_steps_last=c["diffusion_steps_last"], head_sampler=c["head_sampler"],
-                     uncond_refresh=c["uncond_refresh"], inception=c["eval.inception"],
-                     reference=c["eval.reference"], precision=c["precision"], seed=c["seed"], progress=False)
         imgs = r["images"]
-        from d2c.results import check_cell_id, safe_subdir
         grid = safe_subdir(results, "grids") / f"{check_cell_id(cell_id)}.png"
         save_sample_grid(imgs, grid)
         rec.update(status="ok", metrics={k: float(v) for k, v in r["metrics"].items()}, speed=r["speed"],

@@ -529,6 +529,9 @@ def test_paper_scale_cell_end_to_end(tmp_path, paper_files):
     assert {"fid", "is_mean", "precision", "recall"} <= set(m) and "fid_detail" not in m
     assert rec["config"]["recipe"] == "imagenet" and rec["config"]["tokenizer.kl_preset"] == "kl_tiny"
     assert rec["config"]["train_epochs"] == 2.0
+    from d2c.evaluation import load_npz_images
+    assert load_npz_images(rd / "samples" / rec["cell_id"] / "samples.npz").shape == (10, 32, 32, 3)
+    assert rec["speed"]["per"] == "rank" and rec["speed"]["num_images"] == 10 and rec["speed"]["ranks"] == 1
     steps = {json.loads((x / "DONE").read_text())["train_steps"] for x in (rd / "ckpt").glob("*-*") if x.is_dir()}
     assert steps == {6}                       # 12 readable images, batch 4: 3 steps an epoch
     print(f"paper-scale e2e cell: {wall:.0f} s")

@@ -62,14 +62,15 @@ def test_every_package_is_listed():
 
 def test_console_scripts_exist_and_answer_help():
     assert PROJECT["scripts"] == {"d2c-demo": "d2c.demo:main", "d2c-sweep": "d2c_ablations.run:main",
-                                  "d2c-report": "d2c_reports.make_tables:main"}
+                                  "d2c-report": "d2c_reports.make_tables:main",
+                                  "d2c-sample": "d2c.commands:sample_main", "d2c-evaluate": "d2c.commands:evaluate_main"}
     bin_dir = Path(sys.executable).parent
     for name in PROJECT["scripts"]:
         exe = bin_dir / name
         assert exe.is_file(), f"{exe}: not installed (make install)"
         out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "usage" in out.stdout.lower(), out.stderr
-    for module in ("d2c.demo", "d2c_ablations", "d2c_reports"):
+    for module in ("d2c.demo", "d2c_ablations", "d2c_reports", "d2c.commands"):
         out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "usage" in out.stdout.lower(), (module, out.stderr[-2000:])
 

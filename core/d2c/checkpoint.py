@@ -211,6 +211,25 @@ def atomic_write_text(path, text: str, tmp=None) -> None:
     atomic_write(path, lambda f: f.write(text.encode()), tmp)
 
 
+def write_once(path, text: str) -> None:
+    """Create `path` with `text` unless it exists: the first of several writers (ranks of a job)
+    wins, atomically (link(2) fails on an existing name); the others read what it wrote."""
+    import socket
+    path = Path(path)
+    tmp = path.parent / f".{path.name}-{socket.gethostname()}-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    fsync_path(path.parent)
+
+
 def save_safetensors(model_or_sd, path) -> None:
     from safetensors.torch import save
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, torch.nn.Module) else model_or_sd

@@ -265,14 +265,12 @@ class Pipeline:
 def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_images: int = 1000, batch_size: int = 100,
              cfg: float = 1.0, temperature: float = 1.0, diffusion_steps: int | None = None, seed: int = 0,
              diffusion_steps_last: int | None = None, head_sampler: str | None = "ddpm",
-             uncond_refresh: int | None = None, inception=None, reference=None,
-             precision: str = "fp32", progress: bool = True) -> dict:
-    """Sample `num_images` class-balanced images of a family and measure them, and speed
-    (per-stage seconds, NFEs, peak memory).  Embedded default: FID/IS/KID/PR (embedded layout
-    net), class accuracy, the detail metrics (fid_detail, spectral_distance, high_pass_ratio),
-    both tokenizers' reconstruction metrics (rfid_kl, rfid_vq, ...).  With `reference` (ADM's
-    statistics .npz) and `inception` (torch-fidelity's Inception file): FID/IS/KID/PR under the
-    ImageNet protocol's Inception, nothing embedded."""
+             uncond_refresh: int | None = None, precision: str = "fp32", progress: bool = True) -> dict:
+    """Sample `num_images` class-balanced images of a family in this process and measure them
+    (the embedded default; at paper scale evaluate_adm): FID/IS/KID/PR (embedded layout net),
+    class accuracy, the detail metrics (fid_detail, spectral_distance, high_pass_ratio), both
+    tokenizers' reconstruction metrics (rfid_kl, rfid_vq, ...), and speed (per-stage seconds,
+    NFEs, peak memory)."""
     from d2c.metrics import balanced_labels, class_accuracy, compute_metrics, speed_record
     from d2c.metrics.detail import detail_metrics
     from d2c.sampling import SampleResult, d2c_sample
@@ -297,13 +295,40 @@ def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_imag
         nfe = res.nfe
     images = torch.cat(images)
     speed = speed_record(SampleResult(images, None, None, timings, nfe, res.dtypes), num_images, pipe.device)
-    if reference is not None:
-        metrics = compute_metrics(images, mode="imagenet", reference=reference, weights_path=inception,
-                                  device=pipe.device)
-    else:
-        metrics = compute_metrics(images, mode="embedded", cache_dir=pipe.root / "cache", device=pipe.device)
-        metrics["class_accuracy"] = class_accuracy(images, labels, cache_dir=pipe.root / "cache")
-        metrics.update(detail_metrics(images, cache_dir=pipe.root / "cache", device=pipe.device))
-        metrics.update(pipe.tokenizer_metrics())
+    metrics = compute_metrics(images, mode="embedded", cache_dir=pipe.root / "cache", device=pipe.device)
+    metrics["class_accuracy"] = class_accuracy(images, labels, cache_dir=pipe.root / "cache")
+    metrics.update(detail_metrics(images, cache_dir=pipe.root / "cache", device=pipe.device))
+    metrics.update(pipe.tokenizer_metrics())
+    return {"family": family.name, "steps": steps, "cfg": cfg, "num_images": num_images,
+            "metrics": metrics, "speed": speed, "images": images}
+
+
+def evaluate_adm(pipe: Pipeline, family: Family, out, *, steps: int | None = 16, num_images: int = 50_000,
+                 batch_size: int = 64, cfg: float = 1.0, temperature: float = 1.0, diffusion_steps: int | None = None,
+                 seed: int = 0, diffusion_steps_last: int | None = None, head_sampler: str | None = "ddpm",
+                 uncond_refresh: int | None = None, inception=None, reference=None, precision: str = "fp32",
+                 progress: bool = True) -> dict | None:
+    """The ADM / MAR protocol (d2c.evaluation): every rank of the job samples its batches of
+    `num_images` class-balanced images into `out` (a rerun samples only the missing ones), then
+    rank 0 measures `out/samples.npz`.  Returns evaluate()'s dict on rank 0 (its images: the
+    first 64, for the grid), None on the other ranks."""
+    import json
+
+    from d2c.distributed import dist_env
+    from d2c.evaluation import evaluate_npz, load_npz_images, sample_to_npz
+
+    models = pipe.models(family)
+    num_classes = models["gpt"].config.num_classes if "gpt" in models else models["mar"].config.class_num
+    sampler = dict(steps=steps, cfg=cfg, temperature=temperature, precision=precision)
+    if family.has_stage2:
+        sampler.update(diffusion_steps=diffusion_steps, diffusion_steps_last=diffusion_steps_last,
+                       head_sampler=head_sampler or "ddpm", uncond_refresh=uncond_refresh)
+    npz = sample_to_npz(models, out, num_images=num_images, num_classes=num_classes, batch_size=batch_size,
+                        seed=seed, progress=progress, **sampler)
+    if dist_env()[0] != 0:
+        return None
+    metrics = evaluate_npz(npz, inception=inception, reference=reference, device=pipe.device)
+    speed = json.loads((Path(out) / "speed.json").read_text())
+    images = torch.from_numpy(load_npz_images(npz)[:64]).permute(0, 3, 1, 2).contiguous()
     return {"family": family.name, "steps": steps, "cfg": cfg, "num_images": num_images,
             "metrics": metrics, "speed": speed, "images": images}

@@ -50,7 +50,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from d2c.checkpoint import fsync_path, json_default, pid_alive, stable_hash
+from d2c.checkpoint import fsync_path, json_default, pid_alive, stable_hash, write_once
 
 FORMAT_VERSION = 2
 MOMENTS_DTYPES = ("float32", "float16")
@@ -193,26 +193,10 @@ def _remove_stale_tmp(folder: Path, prefix: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _write_once(path: Path, text: str) -> None:
-    """Create `path` with `text` unless it exists (the first writer wins, atomically: link(2))."""
-    tmp = path.parent / _tmp_name(f".{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(tmp)
-    fsync_path(path.parent)
-
-
 def _plan(path: Path, key: str, n: int, shard_size: int) -> int:
     """The shard size of this cache: fixed by the first build (plan.json), kept by every resume."""
     path.mkdir(parents=True, exist_ok=True)
-    _write_once(path / "plan.json", json.dumps({"version": FORMAT_VERSION, "key": key, "num_rows": n,
+    write_once(path / "plan.json", json.dumps({"version": FORMAT_VERSION, "key": key, "num_rows": n,
                                                 "shard_size": int(shard_size)}))
     plan = json.loads((path / "plan.json").read_text())
     if plan.get("key") != key or plan.get("num_rows") != n or plan.get("version") != FORMAT_VERSION:

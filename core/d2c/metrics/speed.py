@@ -18,17 +18,22 @@ def speed_record(result, num_images: int | None = None, device="cpu") -> dict:
     rec.update({f"{k}_seconds": float(t.get(k, 0.0)) for k in ("stage1", "stage2", "decode")})
     rec.update({k: int(result.nfe.get(k, 0)) for k in ("ar_steps", "mar_steps", "diffusion_steps")})
     rec.update({f"{k}_dtype": v for k, v in result.dtypes.items()})   # what each stage ran in
+    rec.update(peak_memory(device))
+    return rec
+
+
+def peak_memory(device="cpu") -> dict:
+    """{"peak_memory_bytes", "peak_memory_kind"}: CUDA's max allocated since the last
+    reset_peak_memory_stats, or the process's peak RSS since it started (CPU)."""
     device = torch.device(device)
     if device.type == "cuda":
-        rec["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
-        rec["peak_memory_kind"] = "cuda_max_memory_allocated"  # since the last reset_peak_memory_stats
-    else:
-        import resource
-        # Linux reports ru_maxrss in KiB, macOS in bytes; it is the process's peak since it started
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rec["peak_memory_bytes"] = int(rss if platform.system() == "Darwin" else rss * 1024)
-        rec["peak_memory_kind"] = "cpu_peak_rss_process_lifetime"
-    return rec
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "peak_memory_kind": "cuda_max_memory_allocated"}
+    import resource
+    # Linux reports ru_maxrss in KiB, macOS in bytes
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_bytes": int(rss if platform.system() == "Darwin" else rss * 1024),
+            "peak_memory_kind": "cpu_peak_rss_process_lifetime"}
 
 
 def hardware_info() -> dict:
