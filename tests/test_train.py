@@ -189,21 +189,23 @@ def _default_dtype(dtype):
         torch.set_default_dtype(prev)
 
 
-def _ddp_worker(rank, world, port, out):
+def _ddp_worker(rank, world, port, out, accum=1):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)      # see the test
     try:
-        train(train_config(train_steps=3, lr=1e-2), TokenSource(MemoryCache()), out, device="cpu")
+        train(train_config(train_steps=3, lr=1e-2, accum_steps=accum), TokenSource(MemoryCache()), out, device="cpu")
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ddp_gloo_two_processes_equal_one_process(tmp_path):
-    """Two ranks with half the batch each, gradients averaged, equal one process with the whole
-    batch: an identity of the math, so both run in float64.  In float32 the half-batch products
+@pytest.mark.parametrize("accum", [1, 2])
+def test_ddp_gloo_two_processes_equal_one_process(tmp_path, accum):
+    """Two ranks with half the batch each (accum=2: in two micro-batches each, synced once a
+    step), gradients averaged, equal one process with the whole batch: an identity of the math,
+    so both run in float64.  In float32 the half-batch products
     round differently and Adam amplifies that where a gradient is near zero (its update is
     lr g / (|g| + eps): slope up to lr / eps = 1e6), which put one near-zero weight 3.7e-5 off on
     another CPU.  The same bound in float64: 3 steps x 1e6 x 1.1e-16 x |g| <= 1e-9 for |g| <= 3;
@@ -213,7 +215,7 @@ def test_ddp_gloo_two_processes_equal_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), accum), nprocs=2, join=True)
     with _default_dtype(torch.float64):
         train(train_config(train_steps=3, lr=1e-2), TokenSource(MemoryCache()), tmp_path / "one")
         a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
