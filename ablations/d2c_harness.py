@@ -857,6 +857,38 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
+def open_pipeline(c: dict, world: int):
+    """The cell's d2c.pipeline.Pipeline, with every rank of a multi-rank job in the process group
+    before the first stage (see pipeline._stage_lock)."""
+    import torch
+    from d2c.pipeline import Pipeline
+    if c["threads"]:
+        torch.set_num_threads(c["threads"])
+    pipe = Pipeline(build_recipe(c), root=c["results_dir"], device=c["device"])
+    if world > 1:
+        from d2c.distributed import init_distributed
+        import torch.distributed as dist
+        init_distributed(pipe.device)
+        dist.barrier()
+    return pipe
+
+
+PREPARE = ("cache", "train")   # run.py --cache-only / --train-only (d2c-train): a cell's first steps
+
+
+def prepare_cell(c: dict, what: str) -> list[str]:
+    """Only the token cache (`cache`: the tokenizers, trained or loaded, and the cache of the
+    data) or everything the cell's family trains (`train`), in this process; every rank of a
+    torchrun / srun job takes part (cache shards, DDP).  Returns the folders it made or found."""
+    rank, world = _distributed()
+    pipe = open_pipeline(c, world)
+    if what == "cache":
+        cache = pipe.cache()
+        return [str(d) for d in pipe._dirs.values()] + [str(cache.path)]
+    pipe.models(family_of(c))
+    return [str(d) for d in pipe._dirs.values()]
+
+
 def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
     """ensure checkpoints -> sample -> metrics -> record; a failure becomes a failed record.
     Returns the record (rank 0) or {} (other ranks of a multi-task job)."""
@@ -869,21 +901,13 @@ def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
     rec["started_at"] = now_iso()
     t0 = time.perf_counter()
     try:
-        import torch
-        from d2c.pipeline import Pipeline, evaluate
+        from d2c.pipeline import evaluate
         from d2c.sampling import save_sample_grid
-        if c["threads"]:
-            torch.set_num_threads(c["threads"])
         if c["fault"] == "exit":
             os._exit(17)        # a job that dies without a record (tests the launcher's reporting)
         if c["fault"] == "raise" or (c["fault"] == "raise_if_seed_mod5" and c["seed"] % 5 == 0):
             raise RuntimeError(f"fault injected by fault={c['fault']}")
-        pipe = Pipeline(build_recipe(c), root=results, device=c["device"])
-        if world > 1:   # every rank in the process group before the first stage (see pipeline._stage_lock)
-            from d2c.distributed import init_distributed
-            import torch.distributed as dist
-            init_distributed(pipe.device)
-            dist.barrier()
+        pipe = open_pipeline(c, world)
         fam = family_of(c)
         pipe.models(fam)                      # trains / resumes / reuses (all ranks under DDP)
         sampler = dict(steps=c["steps"], num_images=c["num_images"], batch_size=c["batch_size"], cfg=c["cfg"],

@@ -4,6 +4,8 @@
     python ablations/run.py                                        # the embedded-default comparison
     python ablations/run.py -m fusion=cross_attn,qformer steps=16,32,64
     python ablations/run.py -m fusion=cross_attn,qformer steps=16,32,64 --plan   # the cells; runs nothing
+    python ablations/run.py recipe=imagenet ... --cache-only     # the token cache only (all ranks of a job)
+    python ablations/run.py recipe=imagenet ... --train-only     # the stages only (= d2c-train ...)
     python ablations/run.py -m model=mar steps=8,32 hydra/launcher=submitit_slurm \
         hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1
 
@@ -121,7 +123,8 @@ def main(argv=None) -> int:
     _environment()
     args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-m", "--multirun")]
     plan_only = "--plan" in args
-    args = [a for a in args if a != "--plan"]
+    prepare = next((w for w in H.PREPARE if f"--{w}-only" in args), None)
+    args = [a for a in args if a != "--plan" and a not in {f"--{w}-only" for w in H.PREPARE}]
     if any(a.split("=")[0] in PASS_THROUGH for a in args):
         sys.argv = [sys.argv[0], *args]
         task()
@@ -139,9 +142,35 @@ def main(argv=None) -> int:
     if plan_only:
         _print_plan(cells)
         return 0
+    if prepare:
+        return _prepare(cells, prepare)
     sys.argv = [sys.argv[0], "--multirun", *args, f"hydra.sweeper.plan={_hydra_quote(_write_plan(cells, rd))}"]
     task()
+    from d2c.distributed import dist_env
+    if dist_env()[0] != 0:   # a job's tasks all run the sweep (plain srun): the summary is rank 0's
+        return 0
     return 1 if H.print_summary(cells, rd) else 0
+
+
+def _prepare(cells: list[dict], what: str) -> int:
+    """--cache-only / --train-only: each training configuration of the cells once, in this process
+    (a torchrun / srun job's ranks together); no sampling, no records."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    logging.captureWarnings(True)
+    seen = set()
+    with exit_on_user_error():
+        for c in cells:
+            if c["train_key"] in seen:
+                continue
+            seen.add(c["train_key"])
+            made = H.prepare_cell(c["config"], what)
+            logger.info(f"{what} ready for {H.describe(c['config'])}: " + ", ".join(made))
+    return 0
+
+
+def train_main(argv=None) -> int:
+    """d2c-train: the stages the cells need, trained (or found), nothing sampled."""
+    return main(["--train-only", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _write_plan(cells: list[dict], results_dir: Path) -> Path:

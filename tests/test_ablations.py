@@ -62,6 +62,25 @@ def trained(out: str) -> list[str]:
 
 
 @pytest.mark.slow
+def test_cache_only_then_train_only_then_the_cell(tmp_path, metrics_cache):
+    """The separate jobs of a cluster run: --cache-only makes the tokenizers and the token cache,
+    --train-only (d2c-train) the stages on top of it, the cell itself then trains nothing."""
+    rd = _results(tmp_path, metrics_cache)
+    p = run(["--cache-only", "model=mar", "steps=2", *TINY], rd)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(trained(p.stdout)) == ["kl", "vq"] and "cache ready for model=mar" in p.stdout
+    assert len(list(rd.glob("cache/tokens-*/meta.json"))) == 1 and not (rd / "records").exists()
+    p = run(["--train-only", "-m", "model=mar", "steps=2,3", *TINY], rd)    # one training config
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert trained(p.stdout) == ["mar"] and not (rd / "records").exists()
+    p = run(["model=mar", "steps=2", *TINY], rd)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert trained(p.stdout) == [] and [r["status"] for r in records(rd)] == ["ok"]
+    p = run(["--train-only", "model=mar", "steps=0", *TINY], rd)
+    assert p.returncode == 2 and p.stderr.startswith("error: steps=0")
+
+
+@pytest.mark.slow
 def test_design_card_sweep_tiny_then_skip(tmp_path, metrics_cache):
     """`-m fusion=cross_attn,qformer steps=...`: every cell one record, each stage trained once
     (sampling axes never retrain); run again: every cell skipped, nothing trained."""

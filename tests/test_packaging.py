@@ -63,7 +63,8 @@ def test_every_package_is_listed():
 def test_console_scripts_exist_and_answer_help():
     assert PROJECT["scripts"] == {"d2c-demo": "d2c.demo:main", "d2c-sweep": "d2c_ablations.run:main",
                                   "d2c-report": "d2c_reports.make_tables:main",
-                                  "d2c-sample": "d2c.commands:sample_main", "d2c-evaluate": "d2c.commands:evaluate_main"}
+                                  "d2c-sample": "d2c.commands:sample_main", "d2c-evaluate": "d2c.commands:evaluate_main",
+                                  "d2c-train": "d2c_ablations.run:train_main"}
     bin_dir = Path(sys.executable).parent
     for name in PROJECT["scripts"]:
         exe = bin_dir / name

@@ -6,6 +6,7 @@ The cluster: `.ci/run` starts it before the suite and stops what it started.  Ru
 fixture starts it (root + apt) and stops it afterwards.  If the script reports that it could
 not start, these tests FAIL with its message (never skip: a CI without SLURM must be noticed).
 """
+import json
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_ablations import TINY, _env, _results, metrics_cache, records  # noqa: F401 (fixture)
+from test_ablations import TINY, _env, _results, metrics_cache, paper_files, records  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
@@ -112,3 +113,56 @@ def test_two_task_job_trains_ddp_through_submitit_env(cluster, tmp_path, metrics
         assert len(re.findall(rf"^training {stage} ->", logs, re.M)) == 2, logs[-3000:]
     recs = records(rd)
     assert len(recs) == 1 and recs[0]["status"] == "ok"
+
+
+def _sbatch(script, tasks, args, rd, timeout=600):
+    """Submit a slurm/paper script with the test cluster's resources (the script's own #SBATCH
+    lines overridden on the sbatch line, as a user would) and wait for it; (state, output)."""
+    out = rd / f"{script}-%j.out"
+    p = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--nodes=1", f"--ntasks-per-node={tasks}",
+                        "--gpus-per-node=0", "--cpus-per-task=1", "--mem=2G", "--time=00:20:00", f"--output={out}",
+                        str(REPO / "slurm" / "paper" / f"{script}.sbatch"), *args],
+                       capture_output=True, text=True, env={**_env(), "D2C_PYTHON": sys.executable}, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip().split(";")[0]
+    deadline = time.time() + timeout
+    state = "?"
+    while time.time() < deadline:
+        q = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True).stdout
+        m = re.search(r"JobState=(\w+)", q)
+        state = m.group(1) if m else "GONE"
+        if state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
+            break
+        time.sleep(1)
+    else:
+        subprocess.run(["scancel", job])
+        pytest.fail(f"{script} job {job} still {state} after {timeout} s; " + _cluster_state())
+    text = Path(str(out).replace("%j", job)).read_text() if Path(str(out).replace("%j", job)).exists() else ""
+    return state, text
+
+
+@pytest.mark.slow
+def test_paper_scripts_cache_train_eval_as_three_srun_jobs(cluster, tmp_path, paper_files):
+    """slurm/paper/{cache,train,eval}.sbatch with two tasks each under plain srun (no submitit, no
+    MASTER_ADDR): the ranks build the cache's shards together, train with DDP, sample their
+    batches of the ADM protocol, and rank 0 writes the one record."""
+    d, args = paper_files
+    rd = tmp_path / "results"
+    rd.mkdir()
+    cell = ["model=d2c", "steps=2", "num_images=8", "batch_size=2", "train_epochs=1", "train_batch_size=4",
+            *args, f"results_dir={rd}"]
+    state, out = _sbatch("cache", 2, cell, rd)
+    assert state == "COMPLETED", out[-3000:]
+    assert len(list(rd.glob("cache/tokens-*/shard-*"))) == 1 and "cache ready for model=d2c" in out
+    state, out = _sbatch("train", 2, cell, rd)
+    assert state == "COMPLETED", out[-3000:]
+    for stage in ("gpt", "d2c_qformer"):       # both ranks trained each stage (DDP)
+        assert len(re.findall(rf"^training {stage} ->", out, re.M)) == 2, out[-3000:]
+    assert not (rd / "records").exists()
+    state, out = _sbatch("eval", 2, cell, rd)
+    assert state == "COMPLETED", out[-3000:]
+    assert not re.findall(r"^training \S+ ->", out, re.M) and out.count("1 ok, 0 failed of 1 cells") == 1, out[-3000:]
+    (rec,) = records(rd)
+    assert rec["status"] == "ok" and rec["speed"]["ranks"] == 2 and "fid" in rec["metrics"]
+    batches = [json.loads(p.read_text()) for p in rd.glob("samples/*/batches/*.json")]
+    assert sorted((b["rank"], b["batch"]) for b in batches) == [(0, 0), (0, 2), (1, 1), (1, 3)]

@@ -110,7 +110,10 @@ class Pipeline:
     def __init__(self, recipe: Recipe | None = None, root="outputs", device=None):
         self.recipe = recipe or Recipe()
         self.root = Path(root)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device is None and torch.cuda.is_available():   # one GPU a rank (torchrun's / SLURM's local rank)
+            from d2c.distributed import dist_env
+            device = torch.device("cuda", dist_env()[2])
+        self.device = torch.device(device or "cpu")
         self.timings: dict[str, float] = {}   # seconds spent training each stage in this process
         self._dataset = self._cache = None
         self._dirs: dict[str, Path] = {}
