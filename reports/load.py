@@ -48,7 +48,10 @@ AXES = {
 VARIED_ONLY = ("mar_model", "fusion.num_queries", "fusion.depth", "fusion.layers", "fusion.d_fuse")   # a table only when swept
 SIZE_ORDER = ("tiny", "xs", "s", "small", "b", "base", "m", "medium", "l", "large", "xl", "xxl", "h", "huge")
 META = ("file", "cell_id", "status", "error", "family", "seed", "grid", "git_commit", "started_at",
-        "finished_at", "hardware")
+        "finished_at", "hardware", "setting")
+# what a number measures: the embedded default, or ImageNet-256 under the ADM protocol (recipe=imagenet);
+# tables and figures never put the two together
+SETTINGS = {"embedded": "embedded default", "imagenet": "ImageNet-256 (recipe=imagenet)"}
 # metric keys a record may carry (anything else in metrics goes to `metrics.<key>`)
 _TOKENIZER_METRICS = ("rfid", "rfid_detail", "spectral_distance", "high_pass_ratio", "l1")   # d2c.metrics.detail
 _METRIC_KEYS = {"fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "class_accuracy",
@@ -107,7 +110,7 @@ def flatten(rec: dict, source: str) -> dict:
     row = {"file": source, "cell_id": str(rec["cell_id"]), "status": rec["status"], "error": rec.get("error"),
            "family": rec["family"], "grid": rec.get("grid"), "git_commit": rec.get("git_commit"),
            "started_at": rec.get("started_at"), "finished_at": rec.get("finished_at"),
-           "hardware": hardware_label(hw)}
+           "hardware": hardware_label(hw), "setting": "imagenet" if config.get("recipe") == "imagenet" else "embedded"}
     seed = rec.get("seed", config.get("seed"))
     row["seed"] = seed if seed is not None else config.get("seed")
     for k, v in _flat(config).items():
@@ -154,11 +157,12 @@ def load(results_dir) -> tuple[pd.DataFrame, list[str]]:
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
-    """ok runs -> one row per (hardware, family, config without seed): mean, `<v>_std` over seeds, n."""
+    """ok runs -> one row per (setting, hardware, family, config without seed): mean, `<v>_std`
+    over seeds, n."""
     ok = runs[runs["status"] == "ok"] if len(runs) else runs
     if ok.empty:
-        return pd.DataFrame(columns=["hardware", "family", "n", "seeds", *VALUES])
-    keys = ["hardware", "family"] + [c for c in config_columns(ok)]
+        return pd.DataFrame(columns=["setting", "hardware", "family", "n", "seeds", *VALUES])
+    keys = ["setting", "hardware", "family"] + [c for c in config_columns(ok)]
     rows = []
     for key, g in ok.groupby(keys, dropna=False, sort=False):
         row = dict(zip(keys, key))

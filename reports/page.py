@@ -13,7 +13,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from d2c_reports import figures
-from d2c_reports.load import AXES, DASH, VARIED_ONLY, cells, config_columns, family_rank, log, order_key
+from d2c_reports.load import AXES, DASH, SETTINGS, VARIED_ONLY, cells, config_columns, family_rank, log, order_key
 from d2c_reports.tables import axis_table, caption, table_latex, table_markdown, value_text
 
 def slug(text: str) -> str:
@@ -119,9 +119,12 @@ def build_report(runs, problems, results_dir: Path, out: Path, published_path: P
         md += ["Every number below is a mean ± std over seeds (n = seeds) of runs on the **same hardware**; "
                "runs on different hardware are never averaged together. Raw data: [runs.csv](runs.csv) "
                "(one row per record), [cells.csv](cells.csv) (one row per cell).", ""]
-    for hw in sorted(c["hardware"].unique()) if not c.empty else []:
-        ch, rh, hs = c[c["hardware"] == hw], runs[runs["hardware"] == hw], slug(hw)
-        md += [f"## Measured: {hw}", ""]
+    groups = sorted(set(zip(c["setting"], c["hardware"])), key=lambda g: (g[0] != "embedded", g)) if not c.empty else []
+    for setting, hw in groups:    # one section per setting and hardware: never averaged or mixed
+        ch = c[(c["hardware"] == hw) & (c["setting"] == setting)]
+        rh = runs[(runs["hardware"] == hw) & (runs["setting"] == setting)]
+        hs = slug(hw) if setting == "embedded" else slug(f"{setting} {hw}")
+        md += [f"## Measured: {hw}" if setting == "embedded" else f"## Measured at {SETTINGS[setting]}: {hw}", ""]
         for axis in AXES:
             t = axis_table(ch, axis, hw)
             if t is None and axis in VARIED_ONLY:
@@ -165,22 +168,35 @@ def build_report(runs, problems, results_dir: Path, out: Path, published_path: P
         md += ["## Failed runs (not in the tables)", "", md_table(f[cols].map(value_text))]
     if problems:
         md += ["## Malformed records (skipped)", ""] + [f"- `{p}`" for p in problems] + [""]
-    md += published_md(published_path)
+    md += published_md(published_path, c)
     (out / "report.md").write_text("\n".join(md))
     for page in [out / "report.md", *wrote["grids"], *[p for p in wrote["tables"] if p.suffix == ".md"]]:
         page.with_suffix(".html").write_text(md_to_html(page.read_text(), title=page.stem))
     return wrote
 
 
-def published_md(path: Path) -> list[str]:
+# what a measured ImageNet row shows beside the published ones
+MEASURED_IMAGENET = ("family", "discrete_model", "mar_model", "steps", "diffusion_steps", "cfg",
+                     "num_images", "train_epochs", "fid", "is_mean", "precision", "recall", "images_per_second", "n",
+                     "hardware")
+
+
+def published_md(path: Path, c: pd.DataFrame | None = None) -> list[str]:
     out = ["## Published numbers (papers and repositories; NOT measured by this harness)", "",
            "ImageNet 256x256 numbers as stated by the sources below (reference facts recorded in the team's "
            f"DESIGN.md section 3). Kept apart from every measured row above. Data: `{path.name}`.", ""]
     pub, err = load_published(path)
     if pub is None:
-        return out + [f"_{err}_", ""]
-    out += [md_table(pub.replace("", None)),
-            "D2C (arXiv 2503.17155): no numbers are recorded in DESIGN.md, so none are listed.", ""]
+        out += [f"_{err}_", ""]
+    else:
+        out += [md_table(pub.replace("", None)),
+                "D2C (arXiv 2503.17155): no numbers are recorded in DESIGN.md, so none are listed.", ""]
+    im = c[c["setting"] == "imagenet"] if c is not None and not c.empty else None
+    if im is not None and not im.empty:
+        cols = [k for k in MEASURED_IMAGENET if k in im]
+        out += ["### Measured by this harness at ImageNet-256 (beside the published rows, not among them)", "",
+                "Cells of `recipe=imagenet` (mean over seeds, n seeds); their sections above hold every axis.", "",
+                md_table(im[cols].map(value_text)), ""]
     return out
 
 

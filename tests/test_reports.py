@@ -451,3 +451,25 @@ def test_speed_vs_fid_labels_each_point_with_its_accelerations(tmp_path, monkeyp
     assert texts == ["16", "16 ddim \u21925 bf16 u2"]
     legend = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
     assert "default" in legend and "ddim \u21925 bf16 u2" in legend
+
+
+def test_imagenet_cells_in_their_own_section_beside_the_published_rows(tmp_path):
+    """recipe=imagenet records never share a table or figure with the embedded default: their own
+    section per hardware, and a labelled table after the published numbers."""
+    recs = [record("mar", 16, 2.0, 0, 20.0), record("d2c_qformer", 16, 2.0, 0, 10.0)]
+    im = record("mar", 16, 2.9, 0, 2.5, cell_id="mar-b-imagenet")
+    im["config"].update(recipe="imagenet", mar_model="mar_base", train_epochs=0.0,
+                        data={**im["config"]["data"], "name": "imagefolder", "root": "/data/imagenet/train"})
+    for r in recs + [im]:
+        write_record(tmp_path, r)
+    assert mt.main(["--results", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    hw = L.hardware_label({"cpu_model": CPU, "gpu_name": GPU})
+    assert f"## Measured: {hw}" in text and f"## Measured at ImageNet-256 (recipe=imagenet): {hw}" in text
+    embedded = parse_md_table(tmp_path / "report" / "tables" / page.slug(hw) / "steps.md")
+    assert sorted(mean_std(v)[0] for v in embedded["FID"]) == [10.0, 20.0]          # not the 2.5
+    imagenet = parse_md_table(tmp_path / "report" / "tables" / page.slug(f"imagenet {hw}") / "steps.md")
+    assert [mean_std(v)[0] for v in imagenet["FID"]] == [2.5]
+    published = text[text.index("## Published numbers"):]
+    assert "### Measured by this harness at ImageNet-256" in published and "mar_base" in published
+    assert published.index("MAR-B") < published.index("### Measured by this harness")
