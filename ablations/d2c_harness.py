@@ -148,6 +148,7 @@ class RunConfig:
     train_batch_size: Optional[int] = None   # replaces every stage's global batch (imagenet: MAR's lr
                                              # scales as 1e-4 x batch / 256, LlamaGen's stays 1e-4)
     accum_steps: int = 1                     # micro-batches per rank and step (global batch unchanged)
+    grad_checkpointing: bool = False         # recompute MAR's activations in backward (MAR-L/H memory)
     batch_size: int = 100                    # sampling batch
     results_dir: str = "results"             # records/, grids/, ckpt/, cache/
     device: Optional[str] = None             # None: cuda if available, else cpu
@@ -157,7 +158,7 @@ class RunConfig:
 
 KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in FILE_GROUPS)
 RESOLVED_KEYS = KEYS + KNOB_KEYS + FILE_KEYS   # a resolved config: `fusion` is the kind, the knobs beside it
-NOT_IN_CELL_ID = ("results_dir", "device", "threads", "accum_steps")   # where / how it runs, not what
+NOT_IN_CELL_ID = ("results_dir", "device", "threads", "accum_steps", "grad_checkpointing")   # where / how, not what
 # axes added after records existed: at their off value (or null: not applicable) they stay out of
 # the cell id, so a new axis never reruns a finished cell (d2c.results reads older records so)
 OFF_VALUES = ADDED_KEYS
@@ -207,6 +208,7 @@ RULES = {
     "train_epochs": (_or_null(_number(lambda v: v >= 0)), "numbers >= 0 (0: init.* weights as they are) or null"),
     "train_batch_size": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "accum_steps": (_int_min(1), "integers >= 1 (dividing the per-rank batch)"),
+    "grad_checkpointing": (lambda v: isinstance(v, bool), "true, false"),
     "tokenizer.kl": (_or_null(_path), "a file path (" + FILE_SOURCES["tokenizer.kl"] + ") or null"),
     "tokenizer.vq": (_or_null(_path), "a file path (" + FILE_SOURCES["tokenizer.vq"] + ") or null"),
     "tokenizer.kl_preset": (_or_null(lambda v: v in KL_PRESETS), ", ".join(KL_PRESETS) + " (or null: kl_16)"),
@@ -635,7 +637,7 @@ def build_recipe(c: dict):
         if c["train_batch_size"] is not None:
             lr = mar_lr(c["train_batch_size"]) if paper and v.stage == "mar" else v.lr
             v = dataclasses.replace(v, batch_size=c["train_batch_size"], lr=lr)
-        stages[k] = dataclasses.replace(v, accum_steps=c["accum_steps"])
+        stages[k] = dataclasses.replace(v, accum_steps=c["accum_steps"], grad_checkpointing=c["grad_checkpointing"])
     stages["gpt"] = sized_stage(stages["gpt"], c["discrete_model"])
     for name in ("mar_trunk", "mar"):
         if name in stages:

@@ -328,6 +328,8 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-10, rtol=1e-9)
     assert max((a[k] - init[k]).abs().max() for k in a) > 1e-3
     assert stable_hash(train_config(accum_steps=4)) == stable_hash(train_config())
+    assert stable_hash(train_config(grad_checkpointing=True)) == stable_hash(train_config())   # how, not what
+    assert stable_hash(train_config(lr=1.0)) != stable_hash(train_config())
     assert stable_hash(train_config(batch_size=16)) != stable_hash(train_config())
     with pytest.raises(ValueError, match="accum_steps=3"):
         train(train_config(accum_steps=3), TokenSource(MemoryCache()), tmp_path / "bad")

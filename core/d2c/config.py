@@ -216,6 +216,9 @@ class TrainConfig:
     # how a step is computed, not what it computes (accum_steps=k repeats k ranks, and no key names
     # the ranks either): left out of the stage folders' and records' train keys, so it never retrains
     NOT_HASHED = ("accum_steps",)
+    # the same: activations recomputed in backward (the RNG state restored, so dropout repeats);
+    # hashed at its default, so that switching it on for MAR-L/H never retrains a stage
+    HASHED_AT_DEFAULT = ("grad_checkpointing",)
     # fields added after stage folders existed: at None they stay out of the key (no stage retrains)
     HASHED_IF_SET = ("train_epochs", "warmup_epochs")
     SCHEDULES = ("constant", "cosine")
@@ -224,8 +227,10 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The fields that name a training run (what the stage keys hash)."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in self.NOT_HASHED and not (k in self.HASHED_IF_SET and v is None)}
+        out = {k: v for k, v in dataclasses.asdict(self).items()
+               if k not in self.NOT_HASHED and not (k in self.HASHED_IF_SET and v is None)}
+        out.update({k: TrainConfig.__dataclass_fields__[k].default for k in self.HASHED_AT_DEFAULT})
+        return out
 
     def in_steps(self, num_items: int) -> "TrainConfig":
         """train_epochs / warmup_epochs over `num_items` samples, as optimizer steps."""
