@@ -135,7 +135,8 @@ class RunConfig:
     precision: str = "fp32"                  # sampling compute dtype: fp32 | bf16 | auto (d2c.precision)
     cfg: float = 3.0                         # classifier-free guidance scale (MAR-B: 2.9, LlamaGen-B: 2.0)
     temperature: float = 1.0
-    num_images: int = 200                    # images sampled and measured per cell (15-min CPU budget)
+    num_images: Optional[int] = None         # images sampled and measured per cell; None: 200 (the small
+                                             # recipe's 15-min CPU budget), 50000 at recipe=imagenet (ADM)
     seed: int = 0                            # sampling seed
     data: DataConfig = MISSING               # group: shapes | shapes_tiny | imagefolder
     recipe: str = "small"                    # training recipe: small (embedded default) | tiny (tests)
@@ -481,6 +482,8 @@ def resolve(config) -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)
                 if f.name not in ("data", "fusion", *FILE_GROUPS)}
     c = {**defaults, "fusion": None, **dict.fromkeys(KNOB_KEYS), **dict.fromkeys(FILE_KEYS), **c}
+    if c["num_images"] is None:   # the protocol's count at paper scale: 50 a class (ADM, MAR, LlamaGen)
+        c["num_images"] = 50_000 if c["recipe"] in PAPER_RECIPES else 200
     for key, (ok, _) in RULES.items():
         if not ok(c[key]):
             raise ConfigError(key, c[key])

@@ -523,6 +523,8 @@ def test_paper_scale_files_checked_before_anything_runs(tmp_path, paper_files):
         for n in needles:
             assert n in err[0], (n, err[0])
         assert not rd.exists() or not any(rd.rglob("*.json")), extra
+    p = run(["--plan", "model=d2c", *args], tmp_path / "r")      # the protocol's 50 a class by default
+    assert p.returncode == 0 and '"num_images": 50000' in p.stdout, p.stderr[-2000:]
     p = run(["model=d2c", "recipe=small", f"tokenizer.kl={d / 'kl16.ckpt'}"], tmp_path / "r")
     assert p.returncode == 2 and "only recipe=imagenet loads files" in p.stderr
     p = run(["model=d2c", *[a for a in args if not a.startswith("data")]], tmp_path / "r")
