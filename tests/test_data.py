@@ -470,6 +470,29 @@ def test_cache_built_by_two_ranks_equals_one(sharded):
     assert cache.labels.tolist() == [ds.samples[i][1] for i in good]
 
 
+def test_cache_rank0_failure_reaches_every_rank(tmp_path, sharded, tok):
+    """In a process group, rank 0's failure to complete the cache (here meta.json cannot be
+    written: a folder holds its name) stops the other rank too, with a line saying so, instead
+    of leaving it at a barrier forever."""
+    tmp, folder, _ = sharded
+    kl, vq = tok
+    key, _ = token_cache_key(ImageFolder(folder, image_size=32), kl, vq)
+    (cache_path(tmp_path / "out", key) / "meta.json").mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    args = [sys.executable, "-c", _BUILD, str(tmp / "kl.safetensors"), str(tmp / "vq.safetensors"), str(folder),
+            str(tmp_path / "out")]
+    procs = [subprocess.Popen(args, env={**os.environ, "GLOO": "1", "RANK": str(r), "WORLD_SIZE": "2",
+                                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], errs
+    assert "meta.json" in errs[0].strip().splitlines()[-1]
+    assert "rank 0 failed to complete the shared output" in errs[1].strip().splitlines()[-1]
+    assert len(list(cache_path(tmp_path / "out", key).glob("shard-*"))) == 5     # the shards stay for a rerun
+
+
 def test_cache_killed_midway_resumes_to_the_same_cache(sharded):
     tmp, _, (_, out, _) = sharded
     ref = json.loads(out)["path"]

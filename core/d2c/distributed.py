@@ -47,3 +47,46 @@ def init_distributed(device: torch.device):
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = rendezvous()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return rank, world, local
+
+
+WAIT_POLL_S = 5.0
+
+
+def finish_once(finish, finished, parts_done, *, rank: int, world: int, wait: bool = True,
+                waiting: str = "") -> bool:
+    """The step after every rank wrote its parts of a shared output (token-cache shards, sample
+    batches): `finish()` runs once.  In a process group of `world` ranks: rank 0 after a barrier,
+    and a failure there reaches every rank (they raise too, instead of waiting forever).  Without
+    one: the rank that sees `parts_done()`; the others poll `finished()` (printing `waiting`
+    once), or return False at once with wait=False.  Returns whether the output is finished."""
+    import sys
+    import time
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == world:
+        dist.barrier()
+        error = None
+        if rank == 0 and not finished():
+            try:
+                finish()
+            except Exception as e:    # re-raised below, after the other ranks know
+                error = e
+        flag = torch.tensor([error is not None], dtype=torch.int32)
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.broadcast(flag, src=0)
+        if error is not None:
+            raise error
+        if flag.item():
+            raise RuntimeError(f"rank 0 failed to complete the shared output (its log has the error); {waiting}")
+        return True
+    if parts_done():
+        if not finished():
+            finish()
+        return True
+    if not wait:
+        return False
+    if waiting:
+        print(f"rank {rank}: {waiting}", file=sys.stderr, flush=True)
+    while not finished():
+        time.sleep(WAIT_POLL_S)
+    return True

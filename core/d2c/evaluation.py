@@ -22,16 +22,12 @@ synchronised, and the largest peak memory of any rank.  `png=True` also writes
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-
-WAIT_POLL_S = 5.0
-
 
 class EvalError(ValueError):
     """A sample folder or file that cannot be used; the message is one line for the user."""
@@ -119,26 +115,12 @@ def _write_pngs(folder: Path, arr: np.ndarray, first: int) -> None:
 
 
 def _complete(out: Path, num_batches: int, labels, rank: int, world: int, wait: bool) -> Optional[Path]:
-    import torch.distributed as dist
-
+    from d2c.distributed import finish_once
     npz = out / "samples.npz"
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == world:
-        dist.barrier()
-        if rank == 0 and not npz.is_file():
-            _gather(out, num_batches, labels)
-        dist.barrier()
-        return npz
-    if all(_done(out, b) for b in range(num_batches)):
-        if not npz.is_file():
-            _gather(out, num_batches, labels)
-        return npz
-    if not wait:
-        return None
-    print(f"sample: rank {rank} done; waiting for the other ranks' batches in {out / 'batches'}",
-          file=sys.stderr, flush=True)
-    while not npz.is_file():
-        time.sleep(WAIT_POLL_S)
-    return npz
+    done = finish_once(lambda: _gather(out, num_batches, labels), npz.is_file,
+                       lambda: all(_done(out, b) for b in range(num_batches)), rank=rank, world=world, wait=wait,
+                       waiting=f"sample: waiting for the other ranks' batches in {out / 'batches'}")
+    return npz if done else None
 
 
 def _gather(out: Path, num_batches: int, labels) -> None:

@@ -42,7 +42,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -143,7 +142,6 @@ def is_complete(path, key: Optional[str] = None) -> bool:
 
 # ImageNet-1k in 129 shards (~640 MiB of float32 moments each): a kill loses under one shard a rank
 SHARD_SIZE = 10_000
-WAIT_POLL_S = 5.0
 
 
 def shard_dir(path, s: int) -> Path:
@@ -333,28 +331,13 @@ def _write_shard(dataset, path: Path, s: int, shard_size: int, kl, vq, batch_siz
 
 
 def _complete(dataset, final: Path, key, parts, num_shards, shard_size, rank, world, wait, kl, vq):
-    import time
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == world:
-        dist.barrier()
-        if rank == 0 and not is_complete(final, key):
-            _write_meta(dataset, final, key, parts, num_shards, shard_size, kl, vq)
-        dist.barrier()
-        return TokenCache(final)
-    if all(shard_done(final, s) for s in range(num_shards)):
-        if not is_complete(final, key):
-            _write_meta(dataset, final, key, parts, num_shards, shard_size, kl, vq)
-        return TokenCache(final)
-    if not wait:
-        return None
-    missing = [s for s in range(num_shards) if not shard_done(final, s)]
-    print(f"token cache: rank {rank} done; waiting for {len(missing)} shard(s) of the other ranks "
-          f"(first: {shard_dir(final, missing[0])})", file=sys.stderr, flush=True)
-    while not is_complete(final, key):
-        time.sleep(WAIT_POLL_S)
-    return TokenCache(final)
+    from d2c.distributed import finish_once
+    done = finish_once(lambda: _write_meta(dataset, final, key, parts, num_shards, shard_size, kl, vq),
+                       lambda: is_complete(final, key),
+                       lambda: all(shard_done(final, s) for s in range(num_shards)),
+                       rank=rank, world=world, wait=wait,
+                       waiting=f"token cache: waiting for the other ranks' shards in {final}")
+    return TokenCache(final) if done else None
 
 
 def _write_meta(dataset, final: Path, key, parts, num_shards, shard_size, kl, vq) -> None:
