@@ -47,11 +47,13 @@ def build(preset: str, **overrides):
     return model_class(preset_kind(preset))(config)
 
 
-def load_pretrained(preset: str, path, strict: bool = True, **overrides):
+def load_pretrained(preset: str, path, strict: bool = True, new: tuple = (), **overrides):
     """Build `preset` and load a public checkpoint file (LlamaGen, MAR, KL-16, VQ-16) or our own
-    safetensors.  Refuses pickled code; a key mismatch is one error naming the keys."""
+    safetensors.  Refuses pickled code; a key mismatch is one error naming the keys.  `new`:
+    prefixes of modules the file may lack, which keep their init (`("fusion.",)`: a MAR file
+    into D2C, whose zero-init fusion makes it sample as that MAR); everything else strict."""
     from d2c.checkpoint import load_state_dict_file, load_into
 
     model = build(preset, **overrides)
-    load_into(model, load_state_dict_file(path), strict=strict, source=str(path))
+    load_into(model, load_state_dict_file(path), strict=strict, source=str(path), new=new)
     return model

@@ -23,12 +23,8 @@ PRESET_DEFAULTS = {"gpt": "gpt_b", "mar": "mar_base", "kl": "kl_16", "vq": "vq_1
 
 
 def _device(arg):
-    from d2c.distributed import dist_env
-    if arg:
-        return torch.device(arg)
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist_env()[2])
-    return torch.device("cpu")
+    from d2c.distributed import local_device
+    return torch.device(arg) if arg else local_device()
 
 
 def load_model(kind: str, path, preset: str | None, device, fusion: str | None = None):
@@ -38,13 +34,10 @@ def load_model(kind: str, path, preset: str | None, device, fusion: str | None =
     path = Path(path)
     if path.is_dir():
         return load_trained(path, device=device)
+    # a MAR file as D2C: fusion new and zero-init (the model samples as that MAR)
     overrides = {"fusion": fusion} if kind == "mar" and fusion and fusion != "none" else {}
-    if overrides:    # a MAR file as D2C: fusion new and zero-init (the model samples as that MAR)
-        from d2c.checkpoint import load_into, load_state_dict_file
-        model = d2c.build(preset or PRESET_DEFAULTS[kind], **overrides)
-        load_into(model, load_state_dict_file(path), source=str(path), new=("fusion.",))
-    else:
-        model = d2c.load_pretrained(preset or PRESET_DEFAULTS[kind], path)
+    model = d2c.load_pretrained(preset or PRESET_DEFAULTS[kind], path, new=("fusion.",) if overrides else (),
+                                **overrides)
     return model.to(device).eval()
 
 

@@ -41,6 +41,11 @@ def rendezvous() -> tuple[str, str]:
     return addr, port
 
 
+def local_device() -> torch.device:
+    """This rank's device: its own GPU (torchrun's / SLURM's local rank) if there is one, else CPU."""
+    return torch.device("cuda", dist_env()[2]) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_distributed(device: torch.device):
     rank, world, local = dist_env()
     if world > 1 and not dist.is_initialized():

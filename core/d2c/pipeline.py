@@ -110,10 +110,8 @@ class Pipeline:
     def __init__(self, recipe: Recipe | None = None, root="outputs", device=None):
         self.recipe = recipe or Recipe()
         self.root = Path(root)
-        if device is None and torch.cuda.is_available():   # one GPU a rank (torchrun's / SLURM's local rank)
-            from d2c.distributed import dist_env
-            device = torch.device("cuda", dist_env()[2])
-        self.device = torch.device(device or "cpu")
+        from d2c.distributed import local_device
+        self.device = torch.device(device) if device is not None else local_device()
         self.timings: dict[str, float] = {}   # seconds spent training each stage in this process
         self._dataset = self._cache = None
         self._dirs: dict[str, Path] = {}
@@ -170,11 +168,8 @@ class Pipeline:
             return load_trained(self._tokenizer_dir(kind), device=self.device)
         if kind not in self._pretrained:
             from d2c import load_pretrained
-            from d2c.data.cache import tokenizer_fingerprint
             p = self.recipe.pretrained[kind]
-            model = load_pretrained(p.preset, p.path).to(self.device).eval()
-            self._pretrained[kind] = model
-            self._ids[kind] = f"{kind}-pretrained-{tokenizer_fingerprint(model)[:12]}"
+            self._pretrained[kind] = load_pretrained(p.preset, p.path).to(self.device).eval()
         return self._pretrained[kind]
 
     def cache(self):
@@ -188,16 +183,15 @@ class Pipeline:
         return self._cache
 
     def _upstream(self):
-        self.cache()
+        cache = self.cache()
+        for k in self.recipe.pretrained:   # named by their weights' fingerprint, which the cache key holds
+            self._ids[k] = f"{k}-pretrained-{cache.meta['key_parts'][k][:12]}"
         return tuple(self._ids[k] for k in ("kl", "vq") if k in self._ids)
 
-    def _public(self, config: TrainConfig, path, **overrides):
+    def _public(self, config: TrainConfig, path):
         """A stage's model from a public file (strict; `fusion.*` may be new: zero-init)."""
-        import d2c
-        from d2c.checkpoint import load_into, load_state_dict_file
-        model = d2c.build(config.preset, **{**config.overrides, **overrides})
-        load_into(model, load_state_dict_file(path), source=str(path), new=("fusion.",))
-        return model.to(self.device).eval()
+        from d2c import load_pretrained
+        return load_pretrained(config.preset, path, new=("fusion.",), **config.overrides).to(self.device).eval()
 
     def gpt(self):
         if "gpt" in self.recipe.init:
