@@ -391,7 +391,11 @@ _BUILD = textwrap.dedent("""
     if os.environ.get("GLOO"):
         import torch.distributed as dist
         dist.init_process_group("gloo")
-    c = build_token_cache(ds, sys.argv[4], kl=kl, vq=vq, batch_size=2, shard_size=3, progress=False)
+    try:
+        c = build_token_cache(ds, sys.argv[4], kl=kl, vq=vq, batch_size=2, shard_size=3, progress=False)
+    finally:    # joins gloo's threads: left to interpreter exit, they can abort the process (SIGABRT)
+        if os.environ.get("GLOO"):
+            dist.destroy_process_group()
     print(json.dumps({"path": str(c.path), "rows": len(c)}))
 """)
 SHARD_ROWS = 3

@@ -33,8 +33,12 @@ _SAMPLE = textwrap.dedent("""
     if os.environ.get("GLOO"):
         import torch.distributed as dist
         dist.init_process_group("gloo")
-    npz = sample_to_npz(models, sys.argv[1], num_images=10, num_classes=10, batch_size=3, seed=1,
-                        steps=2, cfg=2.0, png=True, progress=False)
+    try:
+        npz = sample_to_npz(models, sys.argv[1], num_images=10, num_classes=10, batch_size=3, seed=1,
+                            steps=2, cfg=2.0, png=True, progress=False)
+    finally:    # joins gloo's threads: left to interpreter exit, they can abort the process (SIGABRT)
+        if os.environ.get("GLOO"):
+            dist.destroy_process_group()
     print(json.dumps({"npz": str(npz), "calls": calls[0]}))
 """)
 
