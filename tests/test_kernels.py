@@ -199,8 +199,33 @@ def test_packed_head_matches_module_forward(backend):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
 
 
+def test_packed_head_under_bf16_autocast():
+    """Autocast hands the trunk bf16 activations beside fp32 parameters: the Triton path casts the
+    GEMM weights once (PackedHead.weights_in) and agrees with the float64 module within bf16."""
+    dl = _random_head()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(21, 4, generator=g), torch.randn(21, 48, generator=g)
+    ref = dl.net.double().forward_y(x.double(), y.double())
+    dl.float()
+    pk = adaln_mlp.PackedHead(dl.net)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = {be: adaln_mlp.head_forward(pk, x, y, be) for be in ("torch", "triton")}
+    blocks, out_w = pk.weights_in(torch.bfloat16)
+    assert out_w.dtype == torch.bfloat16 and pk.weights_in(torch.bfloat16)[1] is out_w   # cast once
+    for be, out in outs.items():
+        assert out.dtype == torch.bfloat16, be
+        torch.testing.assert_close(out.double(), ref, atol=3e-2 * ref.abs().max().item(), rtol=3e-2)
+
+
 def test_head_dispatch_and_packed_cache(monkeypatch):
     assert adaln_mlp.resolve_head_backend("cpu") == "torch"
+    from d2c.kernels import record_launches
+    with record_launches():                                   # the CUDA branch: the measured table
+        assert adaln_mlp.resolve_head_backend("cpu", dtype=torch.bfloat16) == "triton"
+        assert adaln_mlp.resolve_head_backend("cpu", dtype=torch.float32) == "torch"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert adaln_mlp.compute_dtype("cpu", torch.float32) == torch.bfloat16
+    assert adaln_mlp.compute_dtype("cpu", torch.float32) == torch.float32
     monkeypatch.setenv("D2C_HEAD", "triton")
     assert adaln_mlp.resolve_head_backend("cpu") == "triton"   # interpreter flag is set in tests
     monkeypatch.setenv("D2C_HEAD", "nope")

@@ -22,7 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from d2c.kernels import tl, triton, triton_available
+from d2c.kernels import launch, on_cuda, tl, triton, triton_available
 
 HEAD_BACKENDS = ("auto", "reference", "torch", "triton")
 LN_EPS = 1e-6
@@ -108,9 +108,9 @@ if triton is not None:
             if DOT_F32:
                 acc += tl.dot(h.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             elif FP32_IEEE:
-                acc += tl.dot(h, w, input_precision="ieee")
+                acc += tl.dot(h.to(w.dtype), w, input_precision="ieee")
             else:
-                acc += tl.dot(h, w)
+                acc += tl.dot(h.to(w.dtype), w)
         ok = m_ok[:, None] & n_ok[None, :]
         acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         x = tl.load(X + rm[:, None] * sxm + rn[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -120,17 +120,29 @@ if triton is not None:
 
 def _flags(x):
     fp32_ieee = x.dtype in (torch.float32, torch.float64) and not torch.backends.cuda.matmul.allow_tf32
-    dot_f32 = not x.is_cuda and x.dtype != torch.float32    # interpreter's low-precision dot is broken
+    dot_f32 = not on_cuda(x) and x.dtype != torch.float32    # interpreter's low-precision dot is broken
     return fp32_ieee, dot_f32
 
 
-def _blocks(M, N, K, cuda):
-    if cuda:   # small M is the sampling regime: keep many programs along N
+def _as(t, dtype):
+    """A GEMM weight in the activations' dtype: autocast hands the kernels bf16 activations beside
+    fp32 parameters, and tl.dot takes one dtype (PackedHead.weights_in casts once per dtype, so
+    this is a no-op on the sampler's path)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _blocks(M, N, K, x):
+    """Tile sizes and launch options.  CUDA: small M is the sampling regime, so keep many programs
+    along N; 8 warps and 2 stages (1 for fp32 at 64 rows) because ptxas reports register spills
+    with Triton's default 4 warps / 3 stages at width 1024 (up to 6.5 kB a thread at 64 rows
+    in fp32, 1.9 kB in bf16) and none with these (tests/test_gpu_compile.py checks it for sm_90)."""
+    if on_cuda(x):
         bm = 16 if M <= 16 else (32 if M <= 64 else 64)
-        return bm, 64, 64
+        stages = 1 if x.dtype == torch.float32 and bm == 64 else 2
+        return bm, 64, 64, {"num_warps": 8, "num_stages": stages}
     # interpreter: few, large programs
     return max(16, min(64, 1 << max(0, M - 1).bit_length())), max(16, min(128, 1 << max(0, N - 1).bit_length())), \
-        max(16, min(128, 1 << max(0, K - 1).bit_length()))
+        max(16, min(128, 1 << max(0, K - 1).bit_length())), {}
 
 
 def _check_rows(*ts):
@@ -146,14 +158,15 @@ def ln_mod_linear_triton(x, shift, scale, ln_w, ln_b, weight, bias, *, silu: boo
     _check_rows(x, shift, scale, weight)
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    bm, bn, bk = _blocks(M, N, K, x.is_cuda)
+    bm, bn, bk, opts = _blocks(M, N, K, x)
     fp32_ieee, dot_f32 = _flags(x)
     affine = ln_w is not None
-    _ln_mod_linear[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    weight = _as(weight, x.dtype)
+    launch(_ln_mod_linear, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
         x, shift, scale, ln_w if affine else x, ln_b if affine else x, weight, bias, out,
         M, K, N, x.stride(0), shift.stride(0), scale.stride(0), weight.stride(0), out.stride(0), eps,
         LN_AFFINE=affine, SILU=silu, FP32_IEEE=fp32_ieee, DOT_F32=dot_f32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **opts)
     return out
 
 
@@ -164,12 +177,13 @@ def linear_gate_residual_triton(h, weight, bias, x, gate, *, out=None):
     _check_rows(h, weight, x, gate)
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    bm, bn, bk = _blocks(M, N, K, x.is_cuda)
+    bm, bn, bk, opts = _blocks(M, N, K, x)
     fp32_ieee, dot_f32 = _flags(x)
-    _linear_gate_residual[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    h, weight = _as(h, x.dtype), _as(weight, x.dtype)
+    launch(_linear_gate_residual, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
         h, weight, bias, x, gate, out, M, K, N,
         h.stride(0), weight.stride(0), x.stride(0), gate.stride(0), out.stride(0),
-        FP32_IEEE=fp32_ieee, DOT_F32=dot_f32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        FP32_IEEE=fp32_ieee, DOT_F32=dot_f32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **opts)
     return out
 
 
@@ -207,6 +221,18 @@ class PackedHead:
         self.te_w1, self.te_b1 = te.mlp[0].weight.detach(), te.mlp[0].bias.detach()
         self.te_w2, self.te_b2 = te.mlp[2].weight.detach(), te.mlp[2].bias.detach()
         self.key = weights_key(net)
+        self._cast = {}
+
+    def weights_in(self, dtype):
+        """(blocks, out_w) with every GEMM weight in `dtype`, cast once per dtype and kept (stable
+        pointers for captured graphs): the kernels' tl.dot takes one dtype, and under autocast the
+        activations are bf16 while the parameters stay fp32.  LayerNorm weights and biases are
+        read in fp32 inside the kernels and stay as they are."""
+        if dtype not in self._cast:
+            with torch.inference_mode(False), torch.no_grad():
+                blocks = [(lw, lb, w1.to(dtype), b1, w2.to(dtype), b2) for lw, lb, w1, b1, w2, b2 in self.blocks]
+                self._cast[dtype] = (blocks, self.out_w.to(dtype))
+        return self._cast[dtype]
 
     def modulation(self, y):
         """All blocks' (shift, scale, gate) and the final (shift, scale) from one GEMM."""
@@ -222,12 +248,27 @@ def weights_key(net):
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in net.parameters())
 
 
-def resolve_head_backend(device, backend=None) -> str:
+# What `auto` runs on CUDA, by the activations' dtype: the faster of the Triton kernels and the
+# packed PyTorch ops, measured by bench/gpu_check.py (head_timing: trunk of width 1024, depth 6,
+# 8-1024 rows, CUDA events, medians) on one H200, torch 2.11 / triton 3.6, 2026-12-04, main
+# 64b8ad0.  Eager time / Triton time: bf16 1.4-2.7x, so Triton; fp32 0.62x at 256 and 1024 rows
+# (Triton's fp32 dot without TF32 is slower than cuBLAS), so PyTorch.  Off CUDA: PyTorch.
+HEAD_DISPATCH = {torch.bfloat16: "triton", torch.float16: "triton", torch.float32: "torch"}
+
+
+def compute_dtype(device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the head's GEMMs run in on `device`: autocast's when it is on there, else `dtype`."""
+    dev = torch.device(device).type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else dtype
+
+
+def resolve_head_backend(device, backend=None, dtype: torch.dtype = torch.float32) -> str:
+    """The head trunk's backend for activations of `dtype` (see compute_dtype) on `device`."""
     name = backend or os.environ.get("D2C_HEAD") or "auto"
     if name not in HEAD_BACKENDS:
         raise ValueError(f"head backend {name!r}; allowed: {', '.join(HEAD_BACKENDS)}")
     if name == "auto":
-        return "triton" if triton is not None and torch.device(device).type == "cuda" else "torch"
+        return HEAD_DISPATCH.get(dtype, "torch") if triton is not None and on_cuda(device) else "torch"
     if name == "triton" and not triton_available(device):
         raise RuntimeError("head backend 'triton' needs CUDA tensors or TRITON_INTERPRET=1")
     return name
@@ -238,10 +279,11 @@ def head_forward(packed: PackedHead, x_in, y, backend: str = "torch"):
     x = F.linear(x_in, packed.in_w, packed.in_b)
     per, (f_shift, f_scale) = packed.modulation(y)
     if backend == "triton":
-        for (shift, scale, gate), (lw, lb, w1, b1, w2, b2) in zip(per, packed.blocks):
+        blocks, out_w = packed.weights_in(x.dtype)
+        for (shift, scale, gate), (lw, lb, w1, b1, w2, b2) in zip(per, blocks):
             h = ln_mod_linear_triton(x, shift, scale, lw, lb, w1, b1, silu=True)
             x = linear_gate_residual_triton(h, w2, b2, x, gate)
-        return ln_mod_linear_triton(x, f_shift, f_scale, None, None, packed.out_w, packed.out_b, silu=False)
+        return ln_mod_linear_triton(x, f_shift, f_scale, None, None, out_w, packed.out_b, silu=False)
     for (shift, scale, gate), (lw, lb, w1, b1, w2, b2) in zip(per, packed.blocks):
         x = resblock_reference(x, shift, scale, gate, lw, lb, w1, b1, w2, b2)
     return final_reference(x, f_shift, f_scale, packed.out_w, packed.out_b)

@@ -99,7 +99,7 @@ def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, im
     diffusion = dl.gen_diffusion(diffusion_steps)
     dtype = accum_dtype(z.dtype)
     packed = packed_head(dl)
-    backend = adaln_mlp.resolve_head_backend(device)
+    backend = adaln_mlp.resolve_head_backend(device, dtype=adaln_mlp.compute_dtype(device, packed.in_w.dtype))
     tab, tmap = _step_tables(dl, diffusion, device, dtype, sampler)
     ddim = sampler == "ddim"
     n = z.shape[0] // 2 if guided else z.shape[0]
