@@ -2,12 +2,16 @@
 
 Every benchmark tags itself with `key(benchmark, "family/variant/size", images=...)`; at the end
 the medians of paired keys become ratios (and images/s), printed and stored in the benchmark
-JSON under "d2c_bars" (`pytest bench/ --benchmark-only --benchmark-json=out.json`).
+JSON under "d2c_bars" (`pytest bench/ --benchmark-only --benchmark-json=out.json`).  A benchmark
+that records `flops_per_image` (d2c.flops) also gets its achieved TFLOP/s, and with a peak
+(`--peak-tflops` or env D2C_PEAK_TFLOPS; 807 for the H200's bf16 matmul) its time over the floor.
 """
 import os
 
 import pytest
 import torch
+
+from d2c.flops import achieved
 
 torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)))
 
@@ -48,6 +52,9 @@ RATIOS = [
 def pytest_addoption(parser):
     parser.addoption("--gpu", action="store_true", default=False,
                      help="run the GPU-sized benchmark cases (needs CUDA)")
+    parser.addoption("--peak-tflops", type=float, default=None,
+                     help="peak matmul TFLOP/s of the device: adds each e2e row's time over that floor "
+                          "(default: env D2C_PEAK_TFLOPS, else only achieved TFLOP/s)")
 
 
 def pytest_configure(config):
@@ -86,33 +93,48 @@ def _medians(benchmarks):
         k = b.extra_info.get("key") if hasattr(b, "extra_info") else None
         if k and getattr(b, "stats", None) is not None:
             st = b.stats.stats if hasattr(b.stats, "stats") else b.stats
-            out[k] = (st.median, b.extra_info.get("images"))
+            out[k] = (st.median, b.extra_info.get("images"), b.extra_info.get("flops_per_image"))
     return out
 
 
-def _bars(benchmarks):
+def _peak(config):
+    peak = config.getoption("--peak-tflops") or os.environ.get("D2C_PEAK_TFLOPS")
+    return float(peak) if peak else None
+
+
+def _bars(benchmarks, peak_tflops=None):
     med = _medians(benchmarks)
     bars = {"medians_s": {k: v[0] for k, v in med.items()},
             "images_per_s": {k: v[1] / v[0] for k, v in med.items() if v[1]},
-            "ratios": {}}
+            "ratios": {}, "peak_tflops": peak_tflops, "tflops": {}, "ratio_to_floor": {}}
     for name, num, den in RATIOS:
         if num in med and den in med:
             bars["ratios"][name] = med[num][0] / med[den][0]
+    for k, (median, images, flops) in med.items():
+        if flops and images:
+            a = achieved(flops * images, median, peak_tflops)
+            bars["tflops"][k] = a["tflops"]
+            if a["ratio_to_floor"] is not None:
+                bars["ratio_to_floor"][k] = a["ratio_to_floor"]
     return bars
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["d2c_bars"] = _bars(benchmarks)
+    output_json["d2c_bars"] = _bars(benchmarks, _peak(config))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    bars = _bars(session.benchmarks)
+    bars = _bars(session.benchmarks, _peak(config))
     tr = terminalreporter
     tr.section("d2c bars (medians from this run)")
     for k, v in sorted(bars["images_per_s"].items()):
         tr.write_line(f"  {k:38s} {v:10.3f} images/s")
+    for k, v in sorted(bars["tflops"].items()):
+        r = bars["ratio_to_floor"].get(k)
+        floor = f"  {r:8.1f}x the floor at {bars['peak_tflops']:g} TFLOP/s" if r is not None else ""
+        tr.write_line(f"  {k:38s} {v:10.4f} TFLOP/s{floor}")
     for k, v in bars["ratios"].items():
         tr.write_line(f"  {k:38s} {v:10.2f}x")

@@ -14,6 +14,7 @@ import torch
 
 import d2c
 from conftest import key
+from d2c.flops import sampling_flops
 from d2c.sampling import d2c_sample
 
 BASE_DIFF = int(os.environ.get("D2C_BENCH_BASE_DIFF_STEPS", "10"))
@@ -106,6 +107,11 @@ def _e2e(benchmark, family, steps, size, batch, device, rounds, diff_steps=None,
         kw.update(mar=ms["mar"], kl=ms["kl"])
     else:
         kw.update(gpt=ms["gpt"], mar=ms["d2c"], kl=ms["kl"])
+    # matmul FLOPs of this configuration: conftest turns them into TFLOP/s and the ratio to the floor
+    benchmark.extra_info["flops_per_image"] = sampling_flops(
+        **{k: kw.get(k) for k in ("gpt", "mar", "kl", "vq")}, steps=steps, cfg=CFG, diffusion_steps=diff_steps,
+        diffusion_steps_last=sampling.get("diffusion_steps_last"), uncond_refresh=sampling.get("uncond_refresh"),
+        batch=batch)["total"]
 
     def run():
         d2c_sample(labels, **kw)
