@@ -199,6 +199,24 @@ def test_rows_with_different_kept_counts_use_padding():
         torch.testing.assert_close(z[i:i + 1], zi, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fusion", ["none", "cross_attn", "qformer"])
+def test_encoder_padded_to_a_bucket_gives_the_same_conditions(fusion):
+    """Compiled CUDA sampling pads the encoder's rows to a bucket (ENCODER_BUCKET) so a run sees
+    a few shapes: the padded rows are masked out of attention and change nothing."""
+    m = _tiny(fusion)
+    tokens, labels, codes = _inputs()
+    mask = _fixed_mask(n_masked=40)                      # buffer + 24 kept rows
+    z = m.condition(tokens, labels, mask, codes=codes)
+    seen = []
+    h = m.encoder_blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    total = m.buffer_size + 64
+    for pad in (48, total, 10_000):                       # a bucket, the whole sequence, beyond it
+        zp = m.condition(tokens, labels, mask, codes=codes, pad_to=pad)
+        torch.testing.assert_close(zp, z, rtol=1e-5, atol=1e-5)
+    h.remove()
+    assert seen == [48, total, total]                     # padded, and never past buffer + seq_len
+
+
 def test_loss_only_on_masked_tokens():
     m = _tiny()
     tokens, labels, _ = _inputs()

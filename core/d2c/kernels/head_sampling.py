@@ -1,11 +1,12 @@
 """Fast paths of the diffusion head's sampler (DiffLoss.sample with impl != "eager").
 
   fused     each reverse step as one function of tensors (`fused_step`): packed AdaLN GEMMs +
-            the fused trunk of adaln_mlp (Triton on CUDA, PyTorch ops on CPU).
+            the fused trunk of adaln_mlp (Triton on CUDA, PyTorch ops on CPU); the chain of
+            steps is `fused_chain`, its noise drawn first.
   compiled  the same step under torch.compile(dynamic=True); rows padded to a multiple of 8 so
             the changing token counts of MAR's rounds never specialise a graph (no recompiles).
-  graph     CUDA only: the step captured once per row bucket (powers of two) as a CUDA graph
-            and replayed every step, so a step costs one launch (compiled off CUDA).
+  graph     CUDA only: the whole chain captured once per (row bucket (powers of two), step
+            count) as a CUDA graph, so a MAR round's head is one replay (compiled off CUDA).
 All of them run d2c.diffusion.reverse_step and cfg_output, the eager sampler's math, and draw
 the same noise from the caller's generator in the same order (x_T, then one (n, C) draw per
 step, outside any graph), so a seed gives the same tokens up to float reassociation.  DDIM
@@ -89,6 +90,24 @@ def _compiled_step():
     return _COMPILED
 
 
+def fused_chain(packed, x, noise, c_emb, cfg, temperature, clip, tab, tmap, steps, guided: bool, backend: str):
+    """The whole reverse chain as one function of tensors: `fused_step` for each respaced index in
+    steps (T,) (T-1 down to 0), with noise[k] (T, n, C) drawn beforehand in the eager sampler's
+    order.  What `impl="fused"` runs and what `impl="graph"` captures as one CUDA graph."""
+    for k in range(steps.shape[0]):
+        x = fused_step(packed, x, steps[k:k + 1], noise[k], c_emb, cfg, temperature, clip, tab, tmap, guided, backend)
+    return x
+
+
+def _draw_noise(noise, n, generator, ddim: bool):
+    """noise[k, :n] for every step k, one draw per step as the eager loop makes them (same values:
+    randn is normal_ on fresh memory); DDIM draws nothing after x_T."""
+    if not ddim:
+        for k in range(noise.shape[0]):
+            noise[k, :n].normal_(generator=generator)
+    return noise
+
+
 def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, impl: str, progress: bool,
            sampler: str = "ddpm"):
     """DiffLoss `dl`'s reverse chain through a fast path; returns the N sampled rows (the
@@ -104,24 +123,17 @@ def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, im
     ddim = sampler == "ddim"
     n = z.shape[0] // 2 if guided else z.shape[0]
     c = dl.in_channels
+    T = diffusion.num_timesteps
     c_emb = dl.net.cond_embed(z)
     x = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
     cfg_t = torch.full((), float(cfg), device=device, dtype=dtype)
     temp_t = torch.full((), 0.0 if ddim else float(temperature), device=device, dtype=dtype)
     clip_t = torch.full((), float(dl.clip_x0 or math.inf), device=device, dtype=dtype)
-    steps = range(diffusion.num_timesteps - 1, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, leave=False)
 
     if impl == "fused":
-        noise = torch.zeros((n, c), device=device, dtype=dtype)
-        for i in steps:
-            if not ddim:
-                noise = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
-            i_t = torch.full((1,), i, dtype=torch.long, device=device)
-            x = fused_step(packed, x, i_t, noise, c_emb, cfg_t, temp_t, clip_t, tab, tmap, guided, backend)
-        return x
+        noise = _draw_noise(torch.zeros((T, n, c), device=device, dtype=dtype), n, generator, ddim)
+        steps_t = torch.arange(T - 1, -1, -1, device=device)
+        return fused_chain(packed, x, noise, c_emb, cfg_t, temp_t, clip_t, tab, tmap, steps_t, guided, backend)
 
     # compiled / graph: pad rows to a bucket; padding rows are zeros and are thrown away
     nb = _bucket(n, impl)
@@ -131,10 +143,13 @@ def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, im
     cp[:n] = c_emb[:n]
     if guided:
         cp[nb:nb + n] = c_emb[n:]
-    noise_p = x.new_zeros(nb, c)
     if impl == "compiled":
         # inductor writes its own fused kernels (Triton on GPU): hand it the PyTorch arrangement
-        backend = "torch"
+        steps = range(T - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, leave=False)
+        noise_p = x.new_zeros(nb, c)
         fn = _compiled_step()
         torch._dynamo.mark_dynamic(xp, 0)
         torch._dynamo.mark_dynamic(cp, 0)
@@ -143,13 +158,13 @@ def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, im
             if not ddim:
                 noise_p[:n] = torch.randn((n, c), generator=generator, device=device, dtype=dtype)
             i_t = torch.full((1,), i, dtype=torch.long, device=device)
-            xp = fn(packed, xp, i_t, noise_p, cp, cfg_t, temp_t, clip_t, tab, tmap, guided, backend)
+            xp = fn(packed, xp, i_t, noise_p, cp, cfg_t, temp_t, clip_t, tab, tmap, guided, "torch")
         return xp[:n].clone()
 
     graphs = dl.__dict__.setdefault("_graphs", {})
-    key = (nb, tuple(cp.shape), dtype, device, guided, backend, tab.data_ptr())
+    key = (nb, T, tuple(cp.shape), dtype, device, guided, backend, tab.data_ptr())
     if key not in graphs:
-        graphs[key] = _GraphStep(packed, nb, c, cp.shape, dtype, device, guided, backend, tab, tmap)
+        graphs[key] = _GraphChain(packed, nb, c, T, cp.shape, dtype, device, guided, backend, tab, tmap)
     g = graphs[key]
     g.x.copy_(xp)
     g.c_emb.copy_(cp)
@@ -157,33 +172,30 @@ def sample(dl, z, temperature, cfg, generator, diffusion_steps, guided: bool, im
     g.temp.copy_(temp_t)
     g.clip.copy_(clip_t)
     g.noise.zero_()
-    for i in steps:
-        if not ddim:
-            g.noise[:n].copy_(torch.randn((n, c), generator=generator, device=device, dtype=dtype))
-        g.i.fill_(i)
-        g.graph.replay()
-        g.x.copy_(g.out)
-    return g.x[:n].clone()
+    _draw_noise(g.noise, n, generator, ddim)
+    g.graph.replay()
+    return g.out[:n].clone()
 
 
-class _GraphStep:
-    """`fused_step` captured as a CUDA graph on static buffers (one per row bucket)."""
+class _GraphChain:
+    """`fused_chain` captured as one CUDA graph on static buffers, per (row bucket, step count):
+    a MAR round's whole reverse chain is one replay."""
 
-    def __init__(self, packed, nb, c, c_shape, dtype, device, guided, backend, tab, tmap):
+    def __init__(self, packed, nb, c, T, c_shape, dtype, device, guided, backend, tab, tmap):
         self.x = torch.zeros(nb, c, device=device, dtype=dtype)
-        self.noise = torch.zeros(nb, c, device=device, dtype=dtype)
+        self.noise = torch.zeros(T, nb, c, device=device, dtype=dtype)
         self.c_emb = torch.zeros(c_shape, device=device, dtype=dtype)
-        self.i = torch.ones(1, dtype=torch.long, device=device)
+        self.steps = torch.arange(T - 1, -1, -1, device=device)
         self.cfg = torch.ones((), device=device, dtype=dtype)
         self.temp = torch.ones((), device=device, dtype=dtype)
         self.clip = torch.full((), math.inf, device=device, dtype=dtype)
-        args = (packed, self.x, self.i, self.noise, self.c_emb, self.cfg, self.temp, self.clip, tab, tmap, guided, backend)
+        args = (packed, self.x, self.noise, self.c_emb, self.cfg, self.temp, self.clip, tab, tmap, self.steps,
+                guided, backend)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):                  # warm-up: Triton compiles, cuBLAS picks algos
-            for _ in range(2):
-                fused_step(*args)
+            fused_chain(*args)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = fused_step(*args)
+            self.out = fused_chain(*args)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from d2c.models import compiled
+from d2c.models import compiled_fn
 from d2c.models.gpt import check_labels
 
 GPT_CFG_SCHEDULES = ("constant", "linear")
@@ -28,12 +28,50 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
     return logits
 
 
-def _gpt_pick(logits, temperature, top_k, top_p, generator):
-    """Next code (B,) from fp32 logits (B, V); temperature 0 is greedy."""
+def _gpt_pick(logits, temperature, top_k, top_p, u):
+    """Next code (B,) from fp32 logits (B, V); temperature 0 is greedy.  Otherwise the code where
+    the filtered distribution's CDF crosses u (B,), uniforms the caller drew: inverse-CDF
+    sampling, so the pick holds no RNG of its own and the static decode step can replay as one
+    CUDA graph with the same codes as the eager loop."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = top_k_top_p_filter(logits / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = top_k_top_p_filter(logits / temperature, top_k, top_p).softmax(-1).cumsum(-1)
+    total = cdf[:, -1:]
+    # strictly below the total, so rounding can never select past the last kept code
+    at = torch.minimum(u[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, at, right=True).squeeze(-1)
+
+
+def _static_step(model, codes, pos, u, scales, temperature: float, top_k: int, top_p: float, guided: bool):
+    """One decode step over the static KV cache as a function of tensors (no host sync, shapes
+    independent of the step): code t = pos[0] from code t-1, which sits at position t; the CFG mix
+    with scales[t] and the pick with u[t] inside; writes codes[:, t] and advances pos."""
+    prev = codes.index_select(1, pos - 1)                                  # (B, 1)
+    logits = model.decode(torch.cat([prev, prev]) if guided else prev, pos)
+    if guided:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + scales.index_select(0, pos)[:, None] * (cond - uncond)
+    new = _gpt_pick(logits, temperature, top_k, top_p, None if u is None else u.index_select(0, pos)[0])
+    codes.index_copy_(1, pos, new[:, None])
+    pos.add_(1)
+
+
+class _DecodeGraph:
+    """`_static_step` captured once as a CUDA graph (gpt-fast's recipe; prefill stays eager): each
+    replay is the whole step, one launch instead of a few hundred from Python."""
+
+    def __init__(self, model, codes, pos, u, scales, args):
+        side = torch.cuda.Stream(codes.device)
+        side.wait_stream(torch.cuda.current_stream(codes.device))
+        start = pos.clone()
+        with torch.cuda.stream(side):                       # warm-up: cuBLAS and Triton pick kernels
+            _static_step(model, codes, pos, u, scales, *args)
+        torch.cuda.current_stream(codes.device).wait_stream(side)
+        pos.copy_(start)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            _static_step(model, codes, pos, u, scales, *args)
+        pos.copy_(start)                                     # capture does not run: replay from here
 
 
 @torch.inference_mode()
@@ -45,8 +83,11 @@ def gpt_generate(model, labels, *, cfg: float = 1.0, temperature: float = 1.0,
     CFG runs one [cond; uncond] batch (uncond = null class) and mixes u + s * (c - u); at
     cfg == 1 the uncond half is skipped.  cfg_schedule "linear" ramps s from 1 towards
     cfg with the fraction of codes generated after the step (as MAR's linear schedule).
-    All randomness comes from `generator` (on the model's device).  Returns (codes, nfe).
-    compile=True runs the decode step under torch.compile (dynamic shapes: one compile).
+    All randomness comes from `generator` (on the model's device): one uniform per code and row,
+    drawn up front, picks each code by inverse CDF.  Returns (codes, nfe).
+    compile=True: after the eager prefill, every decode step is `_static_step` over a
+    full-length KV cache (positions masked), replayed as one CUDA graph on CUDA, under
+    torch.compile elsewhere; the same codes as the eager loop for a seed.
     """
     config = model.config
     device = next(model.parameters()).device
@@ -63,26 +104,40 @@ def gpt_generate(model, labels, *, cfg: float = 1.0, temperature: float = 1.0,
     b, n = labels.shape[0], config.block_size
     guided = cfg != 1.0
     batch = torch.cat([labels, torch.full_like(labels, config.num_classes)]) if guided else labels
+    u = torch.rand(n, b, generator=generator, device=device) if temperature > 0 else None
+    # guidance scale of code t: constant, or 1 + (cfg - 1)(t + 1)/n ("linear")
+    t_frac = (torch.arange(n, device=device, dtype=torch.float32) + 1) / n
+    scales = torch.full((n,), float(cfg), device=device) if cfg_schedule == "constant" else 1 + (cfg - 1) * t_frac
 
     was_training = model.training
     model.eval()
-    # the last code is never fed back; compiled: one spare slot, so the cache slice of the last
-    # step is never the whole buffer (dynamo would specialise that case and recompile)
-    model.setup_cache(batch.shape[0], config.cls_token_num + n - 1 + int(compile))
-    codes = torch.empty(b, n, dtype=torch.long, device=device)
-    decode = compiled(model, "decode") if compile else model.decode
+    # the last code is never fed back, so the cache holds the class token and n - 1 codes
+    model.setup_cache(batch.shape[0], config.cls_token_num + n - 1)
+    codes = torch.zeros(b, n, dtype=torch.long, device=device)
+
+    def pick(logits, t):
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + scales[t] * (cond - uncond)
+        return _gpt_pick(logits, temperature, top_k, top_p, None if u is None else u[t])
+
     try:
-        for t in range(n):
-            if t == 0:
-                logits = model.prefill(batch)
-            else:
+        codes[:, 0] = pick(model.prefill(batch), 0)
+        if not compile:
+            for t in range(1, n):
                 prev = codes[:, t - 1:t]
-                logits = decode(torch.cat([prev, prev]) if guided else prev, t)
-            if guided:
-                cond, uncond = logits.chunk(2)
-                s = cfg if cfg_schedule == "constant" else 1 + (cfg - 1) * (t + 1) / n
-                logits = uncond + s * (cond - uncond)
-            codes[:, t] = _gpt_pick(logits, temperature, top_k, top_p, generator)
+                codes[:, t] = pick(model.decode(torch.cat([prev, prev]) if guided else prev, t), t)
+        elif n > 1:
+            pos = torch.ones(1, dtype=torch.long, device=device)
+            args = (float(temperature), int(top_k), float(top_p), guided)
+            if device.type == "cuda":
+                graph = _DecodeGraph(model, codes, pos, u, scales, args).graph
+                for _ in range(1, n):
+                    graph.replay()
+            else:
+                step = compiled_fn(_static_step)
+                for _ in range(1, n):
+                    step(model, codes, pos, u, scales, *args)
     finally:
         model.clear_cache()
         model.train(was_training)

@@ -106,7 +106,10 @@ class FeedForward(nn.Module):
 class KVCache:
     """Keys and values of the positions seen so far for one layer, (B, H_kv, max_len, D).
     A plain object (not a module or buffer), so it never reaches the state dict.  Allocated
-    on the first write with that write's dtype/device; filled left to right."""
+    on the first write with that write's dtype/device; filled left to right.  A write at a
+    tensor position is the static form (gpt-fast's): every slot is returned and the caller masks
+    the slots past the position, so a decode step has one shape whatever its position and
+    can be replayed as one CUDA graph."""
 
     def __init__(self, batch: int, max_len: int):
         self.batch, self.max_len = batch, max_len
@@ -117,6 +120,10 @@ class KVCache:
         if self.k is None:
             shape = (self.batch, k.shape[1], self.max_len, k.shape[3])
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        if isinstance(pos, torch.Tensor):                       # static: (S,) positions on the device
+            self.k.index_copy_(2, pos, k.to(self.k.dtype))
+            self.v.index_copy_(2, pos, v.to(self.v.dtype))
+            return self.k, self.v
         end = pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
@@ -149,8 +156,14 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:  # grouped-query attention
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        # causal aligns bottom-right: a decode step (s=1) sees the whole cache
-        y = attention(q, k, v, causal=True, dropout_p=self.attn_dropout_p if self.training else 0.0)
+        if isinstance(start_pos, torch.Tensor):
+            # static cache, one query at position p: slots 0..p are the past and itself, later
+            # slots are masked (filled or not)
+            seen = torch.arange(k.shape[2], device=k.device) <= start_pos[-1]
+            y = attention(q, k, v, key_padding_mask=seen[None].expand(b, -1))
+        else:
+            # causal aligns bottom-right: a decode step (s=1) sees the whole cache
+            y = attention(q, k, v, causal=True, dropout_p=self.attn_dropout_p if self.training else 0.0)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(b, s, d)))
 
 
@@ -218,9 +231,13 @@ class Transformer(nn.Module):
             self.freqs_cis = self.freqs_cis.to(device)
         return self.freqs_cis
 
-    def _trunk(self, h: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Input embeddings at positions start_pos.. -> fp32 logits (B, S, vocab)."""
-        freqs = self._freqs(h.device)[start_pos:start_pos + h.shape[1]]
+    def _trunk(self, h: torch.Tensor, start_pos=0) -> torch.Tensor:
+        """Input embeddings at positions start_pos.. -> fp32 logits (B, S, vocab); a tensor
+        start_pos (the (S,) positions) takes the static-cache path."""
+        if isinstance(start_pos, torch.Tensor):
+            freqs = self._freqs(h.device).index_select(0, start_pos)
+        else:
+            freqs = self._freqs(h.device)[start_pos:start_pos + h.shape[1]]
         h = self.tok_dropout(h)
         for layer in self.layers:
             h = layer(h, freqs, start_pos)
@@ -257,7 +274,8 @@ class Transformer(nn.Module):
         check_labels(labels, self.config.num_classes, allow_null=True)
         return self._trunk(self.cls_embedding(labels, drop=False), 0)[:, -1]
 
-    def decode(self, codes: torch.Tensor, pos: int) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, pos) -> torch.Tensor:
         """codes (B, S) sitting at positions pos..pos+S-1 (code t sits at position t+1) into the
-        cache -> logits (B, vocab) of the code after the last one."""
+        cache -> logits (B, vocab) of the code after the last one.  pos a (1,) long tensor on the
+        model's device: one code against the whole static cache (shapes independent of pos)."""
         return self._trunk(self.tok_embeddings(codes), pos)[:, -1]

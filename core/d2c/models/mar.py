@@ -33,6 +33,9 @@ from d2c.models.fusion import build_fusion
 from d2c.models.vit import Block
 
 
+ENCODER_BUCKET = 64          # compiled CUDA sampling pads the encoder's rows to a multiple of this
+
+
 def _std_normal_cdf(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
@@ -153,17 +156,20 @@ class MAR(nn.Module):
         return blk(x, key_padding_mask)
 
     @staticmethod
-    def _gather_kept(x, keep):
+    def _gather_kept(x, keep, pad_to: int | None = None):
         """Kept rows of x (B, N, E) packed to the front, in position order.  When rows keep
-        different counts, pad to the max and return `valid` (B, K) for key_padding_mask."""
+        different counts, or `pad_to` asks for more rows, pad (with dropped rows, up to N) and
+        return `valid` (B, K) for key_padding_mask."""
         n_keep = keep.sum(1)
         lo, hi = torch.stack([n_keep.min(), n_keep.max()]).tolist()
+        if pad_to is not None:
+            hi = max(hi, min(pad_to, x.shape[1]))
         idx = torch.argsort(keep.logical_not().to(torch.uint8), dim=1, stable=True)[:, :hi]
         x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
         valid = None if lo == hi else torch.arange(hi, device=x.device)[None] < n_keep[:, None]
         return x, idx, valid
 
-    def forward_mae_encoder(self, tokens, mask, class_embedding, disc=None):
+    def forward_mae_encoder(self, tokens, mask, class_embedding, disc=None, pad_to=None):
         x = self.z_proj(tokens)
         b, L, e = x.shape
         buf = class_embedding[:, None, :].to(x.dtype).expand(b, self.buffer_size, e)
@@ -171,7 +177,7 @@ class MAR(nn.Module):
             buf = self.fusion.fill_buffer(buf, disc)          # qformer: queries added to the first slots
         x = self.z_proj_ln(torch.cat([buf, x], dim=1) + self.encoder_pos_embed_learned)
         keep = torch.cat([mask.new_zeros(b, self.buffer_size), mask], dim=1).logical_not()
-        x, idx, valid = self._gather_kept(x, keep)            # MAE: masked tokens never enter
+        x, idx, valid = self._gather_kept(x, keep, pad_to)    # MAE: masked tokens never enter
         for blk in self.encoder_blocks:
             x = self._run(blk, x, valid)
         return self.encoder_norm(x), idx, valid
@@ -191,13 +197,15 @@ class MAR(nn.Module):
         x = self.decoder_norm(x)
         return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
 
-    def condition(self, tokens, labels, mask, codes=None, drop=None):
+    def condition(self, tokens, labels, mask, codes=None, drop=None, pad_to=None):
         """Per-token diffusion conditions z (B, seq_len, decoder_embed_dim).
 
         tokens (B, seq_len, token_embed_dim); labels (B,) long or None (all unconditional);
         mask (B, seq_len), 1/True = masked (unknown, dropped from the encoder); codes (B, seq_len)
         stage-1 codes (fusion models only; ignored when fusion is "none"); drop (B,) bool: rows
         that see the null class *and* the null codes (CFG's unconditional half, label drop).
+        pad_to: the encoder runs on at least this many rows, the extra ones masked out of
+        attention, so compiled sampling sees a few lengths instead of one a round.
         """
         b = tokens.shape[0]
         mask = mask.to(device=tokens.device).bool()
@@ -214,7 +222,7 @@ class MAR(nn.Module):
         disc = None
         if self.fusion is not None:
             disc = self.fusion.embed(self._check_codes(codes, b), drop)
-        x, idx, valid = self.forward_mae_encoder(tokens, mask, class_embedding, disc)
+        x, idx, valid = self.forward_mae_encoder(tokens, mask, class_embedding, disc, pad_to)
         return self.forward_mae_decoder(x, idx, valid, disc)
 
     # -------------------------------------------------------------- training
@@ -294,7 +302,10 @@ class MAR(nn.Module):
         else:
             labels_in, drop, codes_in = labels, None, codes
 
-        condition = compiled(self, "condition") if compile else self.condition
+        # compiled on CUDA: static shapes, the encoder padded to multiples of ENCODER_BUCKET rows,
+        # so a run compiles a few graphs (bucket x batch) and none a round; elsewhere one dynamic graph
+        static = compile and device.type == "cuda"
+        condition = compiled(self, "condition", dynamic=not static) if compile else self.condition
         head_impl = ("graph" if device.type == "cuda" else "compiled") if compile else None
         rounds = range(steps)
         if progress:
@@ -305,12 +316,14 @@ class MAR(nn.Module):
         for step in rounds:
             if n_masked == 0:
                 break
+            rows = self.buffer_size + L - n_masked                     # what the encoder keeps
+            pad_to = -(-rows // ENCODER_BUCKET) * ENCODER_BUCKET if static else None
             if guided and uncond_refresh is not None and step % uncond_refresh:
-                zc = condition(tokens, labels, mask, codes=codes, drop=drop[:b])
+                zc = condition(tokens, labels, mask, codes=codes, drop=drop[:b], pad_to=pad_to)
                 z = torch.cat([zc, (zc.float() + delta).to(zc.dtype)])
             else:
                 tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
-                z = condition(tok_in, labels_in, mask_in, codes=codes_in, drop=drop)
+                z = condition(tok_in, labels_in, mask_in, codes=codes_in, drop=drop, pad_to=pad_to)
                 if guided and uncond_refresh is not None:
                     delta = z[b:].float() - z[:b].float()
 
