@@ -133,6 +133,8 @@ class RunConfig:
     uncond_refresh: Optional[int] = None     # CFG's unconditional half every k MAR iterations, cached
                                              # between (LazyMAR's condition cache); None: every one
     precision: str = "fp32"                  # sampling compute dtype: fp32 | bf16 | auto (d2c.precision)
+    compile: bool = False                    # the samplers' per-step work compiled / replayed as CUDA
+                                             # graphs: the fast path on CUDA (compile time reported apart)
     cfg: float = 3.0                         # classifier-free guidance scale (MAR-B: 2.9, LlamaGen-B: 2.0)
     temperature: float = 1.0
     num_images: Optional[int] = None         # images sampled and measured per cell; None: 200 (the small
@@ -205,6 +207,7 @@ RULES = {
     "head_sampler": (lambda v: v in HEAD_SAMPLERS, ", ".join(HEAD_SAMPLERS)),
     "uncond_refresh": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "precision": (lambda v: v in SAMPLING_PRECISIONS, ", ".join(SAMPLING_PRECISIONS)),
+    "compile": (lambda v: isinstance(v, bool), "true, false"),
     "train_steps": (_or_null(_int_min(1)), "integers >= 1 or null"),
     "train_epochs": (_or_null(_number(lambda v: v >= 0)), "numbers >= 0 (0: init.* weights as they are) or null"),
     "train_batch_size": (_or_null(_int_min(1)), "integers >= 1 or null"),
@@ -918,7 +921,8 @@ def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
         sampler = dict(steps=c["steps"], num_images=c["num_images"], batch_size=c["batch_size"], cfg=c["cfg"],
                        temperature=c["temperature"], diffusion_steps=c["diffusion_steps"],
                        diffusion_steps_last=c["diffusion_steps_last"], head_sampler=c["head_sampler"],
-                       uncond_refresh=c["uncond_refresh"], precision=c["precision"], seed=c["seed"], progress=False)
+                       uncond_refresh=c["uncond_refresh"], precision=c["precision"], compile=c["compile"],
+                       seed=c["seed"], progress=False)
         from d2c.results import check_cell_id, safe_subdir
         if c["recipe"] in PAPER_RECIPES:      # the ADM protocol: every rank samples its batches
             from d2c.pipeline import evaluate_adm

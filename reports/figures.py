@@ -21,7 +21,8 @@ PALETTE = {"llamagen": "#d55e00", "mar": "#0173b2", "d2c_cross_attn": "#de8f05",
 EXTRA_COLOURS = ("#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9")
 STAGE_COLOURS = ("#56b4e9", "#0173b2", "#949494")
 # the sampling accelerations (d2c.results.ADDED_KEYS: key -> off value) as short point labels
-ACCEL_FORMAT = {"head_sampler": "{}", "diffusion_steps_last": "\u2192{}", "uncond_refresh": "u{}", "precision": "{}"}
+ACCEL_FORMAT = {"head_sampler": "{}", "diffusion_steps_last": "\u2192{}", "uncond_refresh": "u{}", "precision": "{}",
+                "compile": "compiled"}
 
 
 def theme() -> None:

@@ -365,7 +365,11 @@ def test_acceleration_axis_at_its_off_value_keeps_the_cell_id():
         lazy = H.plan(["model=d2c", "steps=2", "uncond_refresh=null,1,2", *TINY])
         d2c = H.plan(["model=d2c", "steps=2", *TINY])
         llama_lazy = H.plan(["model=llamagen", "uncond_refresh=null,2", *TINY])
+        compiled = H.plan(["model=mar", "steps=2", "compile=false,true", *TINY])
     assert [c["cell_id"] for c in ddpm] == [c["cell_id"] for c in plain]
+    by_c = {c["config"]["compile"]: c for c in compiled}
+    assert by_c[False]["cell_id"] == plain[0]["cell_id"] != by_c[True]["cell_id"]
+    assert by_c[True]["train_key"] == plain[0]["train_key"] and "compile=True" in H.describe(by_c[True]["config"])
     assert bf16[0]["cell_id"] != plain[0]["cell_id"] and bf16[0]["train_key"] == plain[0]["train_key"]
     assert len(llama_bf16) == 2                              # precision applies to stage 1 too
     assert len({c["cell_id"] for c in both}) == 2 and len({c["train_key"] for c in both}) == 1

@@ -180,3 +180,19 @@ def test_sample_and_evaluate_commands(tmp_path, one, adm):
     p = subprocess.run(cmd + ["evaluate", "--npz", str(tmp_path / "none.npz"), "--inception", str(inception),
                               "--reference", str(ref)], capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 2 and p.stderr.strip().startswith("error: sample file not found")
+
+
+def test_speed_summary_reports_the_warmup_excess_apart(tmp_path):
+    """Each rank's first batch (compilation and CUDA-graph capture under compile=True) stays out
+    of the speed, and its time beyond the steady rate is compile_seconds (mean over ranks)."""
+    from d2c.evaluation import _batch, speed_summary
+    (tmp_path / "batches").mkdir()
+    rows = [(0, 0, True, 30.0), (1, 1, True, 12.0), (2, 0, False, 2.0), (3, 1, False, 2.0), (4, 0, False, 2.0)]
+    for b, rank, warm, sec in rows:
+        _batch(tmp_path, b, "json").write_text(json.dumps({
+            "batch": b, "images": 4, "seconds": sec, "warmup": warm, "rank": rank, "world": 2,
+            "timings": {"stage1": sec / 2, "stage2": sec / 2}, "nfe": {}, "dtypes": {},
+            "peak_memory_bytes": 1, "peak_memory_kind": "x"}))
+    s = speed_summary(tmp_path, 5)
+    assert s["timed_images"] == 12 and s["seconds_per_image"] == pytest.approx(0.5)
+    assert s["compile_seconds"] == pytest.approx(((30 - 2) + (12 - 2)) / 2)

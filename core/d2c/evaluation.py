@@ -158,6 +158,12 @@ def speed_summary(out: Path, num_batches: int) -> dict:
            "seconds_per_image": seconds / images, "images_per_second": images / seconds,
            "per": "rank", "ranks": len({(r["world"], r["rank"]) for r in recs}), "batch_size": recs[0]["images"],
            "warmup_excluded": len(timed) < len(recs)}
+    # the warm-up batches' time beyond the steady rate: compilation and CUDA-graph capture under
+    # compile=True (allocator and kernel selection otherwise), per rank
+    warm = [r for r in recs if r["warmup"]]
+    if warm and len(timed) < len(recs):
+        extra = sum(r["seconds"] - r["images"] * rec["seconds_per_image"] for r in warm) / len(warm)
+        rec["compile_seconds"] = max(0.0, extra)
     rec.update({f"{k}_seconds": sum(r["timings"].get(k, 0.0) for r in timed) for k in ("stage1", "stage2", "decode")})
     rec.update({k: int(recs[0]["nfe"].get(k, 0)) for k in ("ar_steps", "mar_steps", "diffusion_steps")})
     rec.update({f"{k}_dtype": v for k, v in recs[0]["dtypes"].items()})

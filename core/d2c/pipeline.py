@@ -262,12 +262,14 @@ class Pipeline:
 def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_images: int = 1000, batch_size: int = 100,
              cfg: float = 1.0, temperature: float = 1.0, diffusion_steps: int | None = None, seed: int = 0,
              diffusion_steps_last: int | None = None, head_sampler: str | None = "ddpm",
-             uncond_refresh: int | None = None, precision: str = "fp32", progress: bool = True) -> dict:
+             uncond_refresh: int | None = None, precision: str = "fp32", compile: bool = False,
+             progress: bool = True) -> dict:
     """Sample `num_images` class-balanced images of a family in this process and measure them
     (the embedded default; at paper scale evaluate_adm): FID/IS/KID/PR (embedded layout net),
     class accuracy, the detail metrics (fid_detail, spectral_distance, high_pass_ratio), both
     tokenizers' reconstruction metrics (rfid_kl, rfid_vq, ...), and speed (per-stage seconds,
-    NFEs, peak memory)."""
+    NFEs, peak memory).  compile=True: the first batch compiles and captures; its time beyond the
+    other batches' rate is reported apart (speed["compile_seconds"]), the speed from the others."""
     from d2c.metrics import balanced_labels, class_accuracy, compute_metrics, speed_record
     from d2c.metrics.detail import detail_metrics
     from d2c.sampling import SampleResult, d2c_sample
@@ -275,7 +277,7 @@ def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_imag
     models = pipe.models(family)
     num_classes = models["gpt"].config.num_classes if "gpt" in models else models["mar"].config.class_num
     labels = balanced_labels(num_images, num_classes)
-    images, timings, nfe = [], {}, {}
+    images, timings, nfe, first = [], {}, {}, None
     chunks = list(torch.split(labels, batch_size))
     it = chunks
     if progress:
@@ -285,13 +287,19 @@ def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_imag
         res = d2c_sample(lab, seed=seed * 100_003 + i, steps=steps, cfg=cfg, temperature=temperature,
                          diffusion_steps=diffusion_steps, diffusion_steps_last=diffusion_steps_last,
                          head_sampler=head_sampler or "ddpm", uncond_refresh=uncond_refresh,
-                         precision=precision, **models)
+                         precision=precision, compile=compile, **models)
         images.append(res.images)
-        for k, v in res.timings.items():
-            timings[k] = timings.get(k, 0.0) + v
+        if compile and i == 0 and len(chunks) > 1:
+            first = (res.timings["total"], len(lab))          # compilation and graph capture
+        else:
+            for k, v in res.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
         nfe = res.nfe
     images = torch.cat(images)
-    speed = speed_record(SampleResult(images, None, None, timings, nfe, res.dtypes), num_images, pipe.device)
+    timed = num_images - (first[1] if first else 0)
+    speed = speed_record(SampleResult(images, None, None, timings, nfe, res.dtypes), timed, pipe.device)
+    if first:
+        speed["compile_seconds"] = max(0.0, first[0] - first[1] * speed["seconds_per_image"])
     metrics = compute_metrics(images, mode="embedded", cache_dir=pipe.root / "cache", device=pipe.device)
     metrics["class_accuracy"] = class_accuracy(images, labels, cache_dir=pipe.root / "cache")
     metrics.update(detail_metrics(images, cache_dir=pipe.root / "cache", device=pipe.device))
@@ -304,7 +312,7 @@ def evaluate_adm(pipe: Pipeline, family: Family, out, *, steps: int | None = 16,
                  batch_size: int = 64, cfg: float = 1.0, temperature: float = 1.0, diffusion_steps: int | None = None,
                  seed: int = 0, diffusion_steps_last: int | None = None, head_sampler: str | None = "ddpm",
                  uncond_refresh: int | None = None, inception=None, reference=None, precision: str = "fp32",
-                 progress: bool = True) -> dict | None:
+                 compile: bool = False, progress: bool = True) -> dict | None:
     """The ADM / MAR protocol (d2c.evaluation): every rank of the job samples its batches of
     `num_images` class-balanced images into `out` (a rerun samples only the missing ones), then
     rank 0 measures `out/samples.npz`.  Returns evaluate()'s dict on rank 0 (its images: the
@@ -320,6 +328,8 @@ def evaluate_adm(pipe: Pipeline, family: Family, out, *, steps: int | None = 16,
     if family.has_stage2:
         sampler.update(diffusion_steps=diffusion_steps, diffusion_steps_last=diffusion_steps_last,
                        head_sampler=head_sampler or "ddpm", uncond_refresh=uncond_refresh)
+    if compile:                      # only when on: sample folders of eager runs keep their meta.json
+        sampler["compile"] = True
     npz = sample_to_npz(models, out, num_images=num_images, num_classes=num_classes, batch_size=batch_size,
                         seed=seed, progress=progress, **sampler)
     if dist_env()[0] != 0:

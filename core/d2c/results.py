@@ -59,7 +59,7 @@ ADDED_KEYS = {"mar_model": None, "head_sampler": "ddpm", "diffusion_steps_last":
               "fusion.num_queries": None, "fusion.depth": None, "fusion.layers": None, "fusion.d_fuse": None,
               "train_epochs": None, "train_batch_size": None, "tokenizer.kl": None, "tokenizer.vq": None,
               "tokenizer.kl_preset": None, "tokenizer.vq_preset": None, "eval.inception": None,
-              "eval.reference": None, "init.gpt": None, "init.mar": None}
+              "eval.reference": None, "init.gpt": None, "init.mar": None, "compile": False}
 HEAD_KEYS = ("head_sampler", "diffusion_steps_last", "uncond_refresh")
 REQUIRED = ("schema", "cell_id", "status", "family", "config")
 STATUSES = ("ok", "failed")
