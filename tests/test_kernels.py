@@ -9,9 +9,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from d2c.kernels import adaln_mlp, head_sampling  # noqa: E402
-from d2c.kernels.attention import (attention, attention_backend, attention_reference,  # noqa: E402
-                                   attention_triton, resolve_backend)
+from d2c.kernels import adaln_mlp, head_sampling, record_launches  # noqa: E402
+from d2c.kernels.attention import (ATTENTION_CASES, ATTENTION_DISPATCH, attention, attention_backend,  # noqa: E402
+                                   attention_case, attention_reference, attention_triton, resolve_backend)
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
@@ -102,6 +102,34 @@ def test_dispatch_rules(monkeypatch):
     with pytest.raises(ValueError, match="allowed"):
         with attention_backend("cudnn"):
             pass
+    # auto on CUDA (record_launches makes every tensor take the CUDA branch): each case resolves
+    # to its ATTENTION_DISPATCH entry; today's table (nothing measured for the new kernels) is SDPA
+    kp = torch.ones(2, 9, dtype=torch.bool)
+    calls = {"unmasked": (9, 9, False, None), "padded": (9, 9, False, kp), "causal": (9, 9, True, None),
+             "decode": (1, 9, True, None), "cross": (9, 5, False, None)}
+    assert set(calls) == set(ATTENTION_CASES) == set(ATTENTION_DISPATCH)
+    assert set(ATTENTION_DISPATCH.values()) == {"sdpa"}
+    for case, (lq, lk, causal, mask) in calls.items():
+        assert attention_case(lq, lk, causal, mask) == case
+    assert attention_case(4, 9, False, kp) == "decode" and attention_case(17, 40, True, None) == "causal"
+    assert attention_case(16, 16, True, None) == "causal" and attention_case(9, 4, True, None) == "causal"
+    for case, (lq, lk, causal, mask) in calls.items():
+        qc, kc = torch.randn(2, 2, lq, 8, dtype=torch.bfloat16), torch.randn(2, 2, lk, 8, dtype=torch.bfloat16)
+        monkeypatch.setitem(ATTENTION_DISPATCH, case, "triton")
+        with record_launches():
+            for other, (lq2, lk2, causal2, mask2) in calls.items():
+                q2, k2 = torch.randn(2, 2, lq2, 8, dtype=torch.bfloat16), torch.randn(2, 2, lk2, 8, dtype=torch.bfloat16)
+                got = resolve_backend(q2, k2, causal=causal2, key_padding_mask=mask2)
+                assert got == ("triton" if other == case else "sdpa"), (case, other)
+            assert resolve_backend(qc, kc, causal=causal, key_padding_mask=mask, needs_grad=True) == "sdpa"
+            assert resolve_backend(qc, kc, causal=causal, key_padding_mask=mask, dropout_p=0.1) == "sdpa"
+            assert resolve_backend(qc.float(), kc.float(), causal=causal, key_padding_mask=mask) == "sdpa"  # fp32
+        assert resolve_backend(qc, kc, causal=causal, key_padding_mask=mask) == "sdpa"            # CPU
+        monkeypatch.setitem(ATTENTION_DISPATCH, case, "sdpa")
+    with record_launches(), attention_backend("triton"):          # forced: no table, but grad -> SDPA
+        assert resolve_backend(qc, kc) == "triton"
+        assert resolve_backend(qc, kc, needs_grad=True) == "sdpa"
+        assert resolve_backend(qc, kc, dropout_p=0.1) == "sdpa"
     # grad flows through the dispatcher under a forced triton backend (SDPA takes over)
     qg = q.clone().requires_grad_()
     with attention_backend("triton"):

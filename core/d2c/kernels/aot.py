@@ -2,7 +2,8 @@
 
 `compile_for_gpu(launches, arch=90)` lowers each launch recorded by `d2c.kernels.record_launches`
 to PTX and a cubin for compute capability `arch` (90: Hopper, the H100/H200) with Triton's own
-compiler, and reads registers and spills from its bundled ptxas.  It runs in a child process
+compiler, specialised as Triton's JIT would launch it there, and reads registers and spills from
+its bundled ptxas.  It runs in child processes
 with TRITON_INTERPRET unset: under the interpreter's flag Triton's standard-library functions
 (tl.sum, tl.sigmoid, ...) are interpreter objects that its code generator cannot inline.
 
@@ -19,13 +20,14 @@ import subprocess
 import sys
 import tempfile
 
+import torch
+
 _PTR = {"torch.float32": "*fp32", "torch.bfloat16": "*bf16", "torch.float16": "*fp16", "torch.float64": "*fp64",
         "torch.uint8": "*u8", "torch.int8": "*i8", "torch.int32": "*i32", "torch.int64": "*i64",
         "torch.bool": "*i1"}
 
 
 def _arg_type(v) -> str:
-    import torch
     if isinstance(v, torch.Tensor):
         return _PTR[str(v.dtype)]
     if isinstance(v, bool):
@@ -37,30 +39,57 @@ def _arg_type(v) -> str:
     raise TypeError(f"cannot type kernel argument {v!r}")
 
 
+def _expand(rec) -> list:
+    """An autotuned launch as one launch of its kernel per config its early_config_prune keeps
+    for these arguments, as Autotuner.run launches them; a plain launch as itself."""
+    from d2c.kernels import Launch
+    if not hasattr(rec.kernel, "configs"):
+        return [rec]
+    prune = getattr(rec.kernel, "early_config_prune", None)
+    configs = prune(rec.kernel.configs, rec.args, **rec.constexprs) if prune else rec.kernel.configs
+    return [Launch(rec.kernel.fn, rec.args, {**rec.constexprs, **c.kwargs},
+                   {**rec.options, "num_warps": c.num_warps, "num_stages": c.num_stages}) for c in configs]
+
+
 def describe(rec) -> dict:
-    """A recorded Launch as JSON: where its kernel lives, its signature and constants."""
+    """A plain recorded launch as JSON, specialised as Triton's JIT specialises it at launch on a
+    GPU: an int equal to 1 becomes a constexpr, tensors (CUDA allocations are 16-byte aligned) and
+    ints divisible by 16 are marked tt.divisibility 16.  Without that, loads are unaligned and not
+    pipelined, so registers, spills and shared memory are not what the GPU's compile gives."""
     fn = rec.fn
-    return {"module": fn.__module__, "file": os.path.abspath(sys.modules[fn.__module__].__file__), "kernel": rec.name,
-            "signature": {n: _arg_type(v) for n, v in rec.args.items()},
-            "constexprs": dict(rec.constexprs), "options": dict(rec.options)}
+    mod = sys.modules[fn.__module__]
+    # the module's name for the launched object
+    name = next((k for k, v in vars(mod).items() if v is rec.kernel), rec.name)
+    consts, sig, div16 = dict(rec.constexprs), {}, []
+    for n, v in rec.args.items():
+        is_int = isinstance(v, int) and not isinstance(v, bool)
+        if is_int and v == 1:
+            consts[n] = 1
+            continue
+        sig[n] = _arg_type(v)
+        if isinstance(v, torch.Tensor) or (is_int and v % 16 == 0):
+            div16.append(n)
+    return {"module": fn.__module__, "file": os.path.abspath(mod.__file__), "kernel": name, "signature": sig,
+            "constexprs": consts, "options": dict(rec.options), "div16": div16}
 
 
-def compile_for_gpu(launches, arch: int = 90, timeout: float = 600) -> list[dict]:
-    """For each recorded launch (each autotune config of it), {kernel, constexprs, options, ok,
-    error, registers, spill_bytes, shared_bytes}; distinct launches are compiled once."""
-    jobs, seen = [], set()
-    for rec in launches:
-        d = describe(rec)
-        key = json.dumps(d, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            jobs.append(d)
+def compile_for_gpu(launches, arch: int = 90, procs: int | None = None, timeout: float = 900) -> list[dict]:
+    """For each recorded launch (each autotune config of it), {kernel, signature, constexprs,
+    options, ok, error, registers, spill_bytes, shared_bytes}; distinct launches are compiled
+    once, spread over `procs` child processes (default: the cores)."""
+    jobs = list({json.dumps(d, sort_keys=True): d for r in launches for d in map(describe, _expand(r))}.values())
+    procs = max(1, min(procs or os.cpu_count() or 1, len(jobs)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "d2c.kernels.aot", str(arch)], input=json.dumps(jobs),
-                         capture_output=True, text=True, env=env, timeout=timeout)
-    if res.returncode:
-        raise RuntimeError(f"d2c.kernels.aot child failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    kids = [(subprocess.Popen([sys.executable, "-m", "d2c.kernels.aot", str(arch)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), jobs[i::procs])
+            for i in range(procs)]
+    rows = []
+    for p, part in kids:
+        out, err = p.communicate(json.dumps(part), timeout=timeout)
+        if p.returncode:
+            raise RuntimeError(f"d2c.kernels.aot child failed ({p.returncode}): {err.strip()[-2000:]}")
+        rows += json.loads(out.strip().splitlines()[-1])
+    return rows
 
 
 # ------------------------------------------------------------------------------ the child
@@ -97,25 +126,21 @@ def _child(arch: int, jobs: list[dict]) -> list[dict]:
     from triton.compiler import ASTSource
     out = []
     for job in jobs:
-        kernel = _load_kernel(job)
-        fn = kernel
+        fn = _load_kernel(job)
         while not isinstance(fn, triton.runtime.jit.JITFunction):
-            fn = fn.fn                                          # an Autotuner wraps the JITFunction
-        for cfg in getattr(kernel, "configs", None) or [None]:
-            consts, opts = dict(job["constexprs"]), dict(job["options"])
-            if cfg is not None:
-                consts.update(cfg.kwargs)
-                opts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            sig = {n: ("constexpr" if n in consts else job["signature"][n]) for n in fn.arg_names}
-            row = {"kernel": job["kernel"], "signature": job["signature"], "constexprs": consts, "options": opts}
-            try:
-                src = ASTSource(fn=fn, signature=sig,
-                                constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
-                k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
-                row.update(ok=True, error=None, **ptxas_usage(k, arch))
-            except Exception as e:   # the parent asserts on `ok` and shows the error
-                row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-1500:]}")
-            out.append(row)
+            fn = fn.fn
+        consts = job["constexprs"]
+        sig = {n: ("constexpr" if n in consts else job["signature"][n]) for n in fn.arg_names}
+        row = {k: job[k] for k in ("kernel", "signature", "constexprs", "options")}
+        try:
+            idx = fn.arg_names.index
+            src = ASTSource(fn=fn, signature=sig, constexprs={(idx(n),): v for n, v in consts.items()},
+                            attrs={(idx(n),): [["tt.divisibility", 16]] for n in job["div16"]})
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=job["options"])
+            row.update(ok=True, error=None, **ptxas_usage(k, arch))
+        except Exception as e:   # the parent asserts on `ok` and shows the error
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-1500:]}")
+        out.append(row)
     return out
 
 
