@@ -42,16 +42,23 @@ def _gpt_pick(logits, temperature, top_k, top_p, u):
     return torch.searchsorted(cdf, at, right=True).squeeze(-1)
 
 
+def _mix_and_pick(logits, scale, u, temperature, top_k, top_p, guided: bool):
+    """CFG mix u + s (c - u) of a [cond; uncond] batch of logits at guidance `scale`, then the
+    pick at uniforms `u`: one rule for the eager loop and the static step."""
+    if guided:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + scale * (cond - uncond)
+    return _gpt_pick(logits, temperature, top_k, top_p, u)
+
+
 def _static_step(model, codes, pos, u, scales, temperature: float, top_k: int, top_p: float, guided: bool):
     """One decode step over the static KV cache as a function of tensors (no host sync, shapes
     independent of the step): code t = pos[0] from code t-1, which sits at position t; the CFG mix
     with scales[t] and the pick with u[t] inside; writes codes[:, t] and advances pos."""
     prev = codes.index_select(1, pos - 1)                                  # (B, 1)
     logits = model.decode(torch.cat([prev, prev]) if guided else prev, pos)
-    if guided:
-        cond, uncond = logits.chunk(2)
-        logits = uncond + scales.index_select(0, pos)[:, None] * (cond - uncond)
-    new = _gpt_pick(logits, temperature, top_k, top_p, None if u is None else u.index_select(0, pos)[0])
+    new = _mix_and_pick(logits, scales.index_select(0, pos)[:, None], None if u is None else u.index_select(0, pos)[0],
+                        temperature, top_k, top_p, guided)
     codes.index_copy_(1, pos, new[:, None])
     pos.add_(1)
 
@@ -116,10 +123,7 @@ def gpt_generate(model, labels, *, cfg: float = 1.0, temperature: float = 1.0,
     codes = torch.zeros(b, n, dtype=torch.long, device=device)
 
     def pick(logits, t):
-        if guided:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + scales[t] * (cond - uncond)
-        return _gpt_pick(logits, temperature, top_k, top_p, None if u is None else u[t])
+        return _mix_and_pick(logits, scales[t], None if u is None else u[t], temperature, top_k, top_p, guided)
 
     try:
         codes[:, 0] = pick(model.prefill(batch), 0)
