@@ -26,7 +26,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 # the numerical tests again on other float rounding: PyTorch's plain kernels, one thread
-NUMERIC_TESTS = tests/test_mar.py tests/test_diffusion.py tests/test_gpt.py tests/test_kernels.py \
+NUMERIC_TESTS = tests/test_mar.py tests/test_mar_sampler.py tests/test_diffusion.py tests/test_gpt.py tests/test_kernels.py \
                 tests/test_tokenizers.py tests/test_api.py tests/test_sampling.py tests/test_train.py
 test-numerics: install
 	ATEN_CPU_CAPABILITY=default D2C_TEST_THREADS=1 $(PY) -m pytest -q -m "not slow" $(NUMERIC_TESTS)

@@ -9,10 +9,10 @@
     python ablations/run.py -m model=mar steps=8,32 hydra/launcher=submitit_slurm \
         hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1
 
-Axes: model, fusion (+ fusion.num_queries, .depth, .layers, .d_fuse), discrete_model, mar_model, steps,
-diffusion_steps, diffusion_steps_last, head_sampler, uncond_refresh, precision, cfg, temperature,
-num_images, data, seed (and recipe, train_steps, train_epochs, tokenizer.kl, eval.reference, results_dir, ...:
-see ablations/d2c_harness.py RunConfig).
+Axes: model, fusion (+ fusion.num_queries, .depth, .layers, .d_fuse), discrete_model, mar_model, every
+d2c.sampling.SamplerConfig field (steps, cfg, temperature, diffusion_steps, head_sampler, stage1_top_k,
+...), num_images, data, seed (and recipe, train_steps, train_epochs, tokenizer.kl, eval.reference,
+results_dir, ...: see ablations/d2c_harness/schema.py RunConfig).
 Every cell of the sweep is composed and checked before anything runs: a bad key, value or
 combination prints `error: <key>=<value>: ... allowed: ...` and exits with status 2 (the
 d2c.cli.exit_on_user_error contract); so do a `_target_` outside d2c / this harness's plugins,
@@ -176,7 +176,7 @@ def train_main(argv=None) -> int:
 def _write_plan(cells: list[dict], results_dir: Path) -> Path:
     """The validated cells for the sweeper (hydra/sweeper=d2c): what it launches, how it names
     them, and the record it writes for a cell whose job dies without one."""
-    from d2c.checkpoint import atomic_write_text
+    from d2c.files import atomic_write_text
     from d2c.results import safe_subdir
     env = H.record_env()
     plan = [{"overrides": c["overrides"], "cell_id": c["cell_id"], "train_key": c["train_key"],

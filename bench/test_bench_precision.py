@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import d2c
+from d2c.sampling import SamplerConfig
 from conftest import key
 
 WIDTHS = (128, 256, 512, 768, 1024)
@@ -62,7 +63,8 @@ def test_mar_b_sampler_cpu(benchmark, variant):
 
     def run():
         with autocast_for(dt, "cpu"):
-            m.sample_tokens(labels, steps=8, cfg=2.9, cfg_schedule="linear", diffusion_steps=25,
-                            uncond_refresh=uncond_refresh, generator=torch.Generator().manual_seed(0))
+            m.sample_tokens(labels, SamplerConfig(steps=8, cfg=2.9, cfg_schedule="linear", diffusion_steps=25,
+                                                  uncond_refresh=uncond_refresh),
+                            generator=torch.Generator().manual_seed(0))
     run()
     benchmark.pedantic(run, rounds=2, iterations=1)

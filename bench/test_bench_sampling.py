@@ -15,7 +15,7 @@ import torch
 import d2c
 from conftest import key
 from d2c.flops import sampling_flops
-from d2c.sampling import d2c_sample
+from d2c.sampling import SamplerConfig, d2c_sample
 
 BASE_DIFF = int(os.environ.get("D2C_BENCH_BASE_DIFF_STEPS", "10"))
 CFG = 2.0
@@ -97,27 +97,20 @@ def test_gpt_decode_step(benchmark, size):
 
 
 # ------------------------------------------------------------------ end to end
-def _e2e(benchmark, family, steps, size, batch, device, rounds, diff_steps=None, compile=False, **sampling):
+def _e2e(benchmark, family, steps, size, batch, device, rounds, diff_steps=None, **sampling):
     ms = _models(size, str(device))
     labels = torch.arange(batch) % (10 if size == "tiny" else 1000)
-    kw = dict(cfg=CFG, seed=0, steps=steps, diffusion_steps=diff_steps, compile=compile, **sampling)
-    if family == "llamagen":
-        kw.update(gpt=ms["gpt"], vq=ms["vq"])
-    elif family == "mar":
-        kw.update(mar=ms["mar"], kl=ms["kl"])
-    else:
-        kw.update(gpt=ms["gpt"], mar=ms["d2c"], kl=ms["kl"])
+    sampler = SamplerConfig(cfg=CFG, steps=steps or 16, diffusion_steps=diff_steps, **sampling)
+    models = {"llamagen": dict(gpt=ms["gpt"], vq=ms["vq"]), "mar": dict(mar=ms["mar"], kl=ms["kl"])}.get(
+        family, dict(gpt=ms["gpt"], mar=ms["d2c"], kl=ms["kl"]))
     # matmul FLOPs of this configuration: conftest turns them into TFLOP/s and the ratio to the floor
-    benchmark.extra_info["flops_per_image"] = sampling_flops(
-        **{k: kw.get(k) for k in ("gpt", "mar", "kl", "vq")}, steps=steps, cfg=CFG, diffusion_steps=diff_steps,
-        diffusion_steps_last=sampling.get("diffusion_steps_last"), uncond_refresh=sampling.get("uncond_refresh"),
-        batch=batch)["total"]
+    benchmark.extra_info["flops_per_image"] = sampling_flops(models, sampler, batch=batch)["total"]
 
     def run():
-        d2c_sample(labels, **kw)
+        d2c_sample(labels, models, sampler, seed=0)
         _sync(device)
 
-    if compile:
+    if sampler.compile:
         run()                                   # compile outside the timing
     benchmark.pedantic(run, rounds=rounds, iterations=1)
 

@@ -57,7 +57,7 @@ def _varying(df: pd.DataFrame, exclude=()) -> list[str]:
 
 
 def accel_text(row) -> str:
-    """The accelerations a cell runs with, e.g. "ddim \u21925 bf16 u2"; "" for today's sampler."""
+    """The accelerations a cell runs with, e.g. "\u21925 ddim u2 bf16"; "" for today's sampler."""
     parts = []
     for k, off in ADDED_KEYS.items():
         v = row.get(AXES[k][0] if k in AXES else k)

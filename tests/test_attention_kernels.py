@@ -1,7 +1,8 @@
-"""The Triton attention kernels of d2c.kernels.attention beyond the basic cases of test_kernels.py:
-key blocks past a row's last kept key are skipped (never read), the split-K decode kernel and its
-combine step, one compute dtype per launch, and every launch the CUDA path makes for the models'
-cases compiling for Hopper (sm_90) with no register spill for every tile its autotuner may pick.
+"""The Triton attention kernels of d2c.kernels.attention_triton beyond the basic cases of
+test_kernels.py: key blocks past a row's last kept key are skipped (never read), the split-K
+decode kernel and its combine step, one compute dtype per launch, and every launch the CUDA path
+makes for the models' cases compiling for Hopper (sm_90) with no register spill for every tile its
+autotuner may pick.
 
 Interpreter tests (tests/conftest.py sets TRITON_INTERPRET=1): small shapes, fresh random inputs,
 float64 reference, outputs poisoned with NaN.  K and V beyond each row's last kept key are NaN as
@@ -19,9 +20,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from d2c.kernels import record_launches  # noqa: E402
-from d2c.kernels import attention as A  # noqa: E402
 from d2c.kernels.aot import compile_for_gpu  # noqa: E402
-from d2c.kernels.attention import attention_decode_triton, attention_reference, attention_triton  # noqa: E402
+from d2c.kernels.attention import attention_reference  # noqa: E402
+from d2c.kernels.attention_triton import _num_splits, attention_decode_triton, attention_triton  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -119,11 +120,11 @@ def test_decode_dispatch_split_rule_and_rows_that_see_nothing():
     _check(out, q9, k4, v4, True, None, torch.float32)
     assert torch.equal(out[:, :, :5], torch.zeros_like(out[:, :, :5]))
     # the rule: batch*heads that fill 80% of two programs per SM run unsplit; few long rows split
-    assert A._num_splits(32 * 12, 4096, 64, 132) == 1
-    assert A._num_splits(1 * 12, 4096, 64, 132) == 16
-    assert A._num_splits(4 * 12, 2048, 64, 132) == 4
-    assert A._num_splits(1 * 12, 200, 64, 132) == 1
-    assert A._num_splits(2 * 12, 4096, 80, 132) == 11                      # 264 programs: one full wave
+    assert _num_splits(32 * 12, 4096, 64, 132) == 1
+    assert _num_splits(1 * 12, 4096, 64, 132) == 16
+    assert _num_splits(4 * 12, 2048, 64, 132) == 4
+    assert _num_splits(1 * 12, 200, 64, 132) == 1
+    assert _num_splits(2 * 12, 4096, 80, 132) == 11                      # 264 programs: one full wave
 
 
 def test_one_compute_dtype_per_launch():

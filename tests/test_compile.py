@@ -1,12 +1,14 @@
 """torch.compile switch: the compiled samplers give eager's outputs for a seed, and
 the changing token counts of MAR rounds / KV lengths of GPT steps do not recompile.
 Compiling costs tens of seconds on a 2-core CPU, hence `slow`."""
+import dataclasses
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import d2c
-from d2c.sampling import d2c_sample
+from d2c.sampling import SamplerConfig, d2c_sample
 
 
 def _graphs():
@@ -51,14 +53,16 @@ def test_compiled_d2c_sampler_matches_eager_and_does_not_recompile():
     with torch.no_grad():                                    # zero-init heads would make this trivial
         for p in list(mar.diffloss.parameters()) + list(gpt.parameters()):
             p.normal_(0, 0.05)
-    kw = dict(gpt=gpt, mar=mar, kl=kl, cfg=2.0, seed=0, diffusion_steps=4)
-    eager = d2c_sample(torch.arange(2), steps=3, **kw)
-    comp = d2c_sample(torch.arange(2), steps=3, compile=True, **kw)
+    models = dict(gpt=gpt, mar=mar, kl=kl)
+    s3 = SamplerConfig(cfg=2.0, diffusion_steps=4, steps=3)
+    s5 = dataclasses.replace(s3, steps=5)
+    eager = d2c_sample(torch.arange(2), models, s3)
+    comp = d2c_sample(torch.arange(2), models, dataclasses.replace(s3, compile=True))
     assert torch.equal(comp.codes, eager.codes)
     _rel_close(comp.latents, eager.latents, 1e-3)
     assert (comp.images.int() - eager.images.int()).abs().max() <= 1
     n = _graphs()
-    again = d2c_sample(torch.arange(2), steps=5, compile=True, **kw)  # other revealed counts
+    again = d2c_sample(torch.arange(2), models, dataclasses.replace(s5, compile=True))  # other revealed counts
     assert _graphs() == n, "changing MAR step counts / KV lengths recompiled"
-    ref5 = d2c_sample(torch.arange(2), steps=5, **kw)
+    ref5 = d2c_sample(torch.arange(2), models, s5)
     _rel_close(again.latents, ref5.latents, 1e-3)

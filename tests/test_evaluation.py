@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from d2c.evaluation import EvalError, evaluate_npz, load_npz_images, sample_to_npz
+from d2c.sampling import SamplerConfig
 
 # Random tiny D2C (same weights in every process: seeded), 10 images in 4 batches of 3.
 _SAMPLE = textwrap.dedent("""
     import json, os, sys, torch, d2c
     import d2c.sampling as S
     from d2c.evaluation import sample_to_npz
+    from d2c.sampling import SamplerConfig
     torch.set_num_threads(1)
     torch.manual_seed(0)
     models = dict(gpt=d2c.build("gpt_tiny").eval(), mar=d2c.build("mar_tiny", fusion="qformer").eval(),
@@ -34,8 +36,8 @@ _SAMPLE = textwrap.dedent("""
         import torch.distributed as dist
         dist.init_process_group("gloo")
     try:
-        npz = sample_to_npz(models, sys.argv[1], num_images=10, num_classes=10, batch_size=3, seed=1,
-                            steps=2, cfg=2.0, png=True, progress=False)
+        npz = sample_to_npz(models, sys.argv[1], SamplerConfig(steps=2, cfg=2.0), num_images=10, num_classes=10,
+                            batch_size=3, seed=1, png=True, progress=False)
     finally:    # joins gloo's threads: left to interpreter exit, they can abort the process (SIGABRT)
         if os.environ.get("GLOO"):
             dist.destroy_process_group()
@@ -130,9 +132,9 @@ def test_sample_folder_and_file_errors(tmp_path, one):
     import d2c
     models = dict(gpt=d2c.build("gpt_tiny").eval(), mar=d2c.build("mar_tiny", fusion="qformer").eval(),
                   kl=d2c.build("kl_tiny").eval())
-    with pytest.raises(EvalError, match="holds samples of another configuration \\(sample differs\\)"):
-        sample_to_npz(models, out1, num_images=10, num_classes=10, batch_size=3, seed=1, steps=2, cfg=3.0,
-                      progress=False)
+    with pytest.raises(EvalError, match="holds samples of another configuration \\(sample.cfg differs\\)"):
+        sample_to_npz(models, out1, SamplerConfig(steps=2, cfg=3.0), num_images=10, num_classes=10, batch_size=3,
+                      seed=1, progress=False)
     with pytest.raises(EvalError, match="sample file not found"):
         load_npz_images(tmp_path / "none.npz")
     np.savez(tmp_path / "f.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))

@@ -9,6 +9,7 @@ import d2c
 import d2c.sampling
 from d2c.config import make_config
 from d2c.flops import achieved, decoder_flops, mar_schedule, sampling_flops
+from d2c.sampling import SamplerConfig
 
 B = 2
 
@@ -57,7 +58,7 @@ def _measured(monkeypatch, labels, models, **kw):
         if tok is not None:
             monkeypatch.setattr(tok, name, counted("decode", getattr(tok, name)))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        res = d2c.sampling.d2c_sample(labels, seed=0, **models, **kw)
+        res = d2c.sampling.d2c_sample(labels, models, SamplerConfig(**kw), seed=0)
     parts["total"] = fc.get_total_flops()
     parts["trunk"] = parts["total"] - parts["stage1"] - parts["head"] - parts["decode"]
     monkeypatch.undo()
@@ -86,13 +87,13 @@ def test_count_matches_flop_counter(tiny, monkeypatch, case):
     names, kw = CASES[case]
     models = {ROLE[n]: tiny[n] for n in names}
     measured, res = _measured(monkeypatch, torch.arange(B), models, **kw)
-    counted = sampling_flops(**models, **kw, batch=B)
+    counted = sampling_flops(models, SamplerConfig(**kw), batch=B)
     # exact: the count is the same matmul shapes; per image, the head's timestep embedding
     # (one row a step, shared by the batch) is a fraction, so compare the batch's integers
     assert {k: round(v * B) for k, v in counted.items()} == measured
     if "mar" in models:                         # the schedule is the sampler's: same head steps
         sched = mar_schedule(models["mar"], kw["steps"], kw["diffusion_steps"], kw.get("diffusion_steps_last"))
-        assert res.nfe["diffusion_steps"] == sum(n for _, pred, n in sched if pred)
+        assert res.nfe["reverse_steps"] == sum(n for _, pred, n in sched if pred)
         assert sum(pred for _, pred, _ in sched) == models["mar"].seq_len
     if case == "mar-empty-rounds":
         assert any(pred == 0 for _, pred, _ in sched)
@@ -117,9 +118,9 @@ def test_base_sizes_against_h200_reference():
     with torch.device("meta"):                 # modules read through .config; configs work too
         gpt, d2c_mar = d2c.build("gpt_b"), d2c.build("mar_base", fusion="cross_attn")
     kl, mar = make_config("kl_16"), make_config("mar_base")
-    run = dict(steps=16, cfg=2.9, diffusion_steps=100)
-    d = sampling_flops(gpt=gpt, mar=d2c_mar, kl=kl, **run)
-    plain = sampling_flops(gpt=gpt, mar=mar, kl=kl, **run)
+    run = SamplerConfig(steps=16, cfg=2.9, diffusion_steps=100)
+    d = sampling_flops(dict(gpt=gpt, mar=d2c_mar, kl=kl), run)
+    plain = sampling_flops(dict(gpt=gpt, mar=mar, kl=kl), run)
     assert d["stage1"] / T == pytest.approx(0.1, rel=0.15)
     assert d["head"] / T == pytest.approx(3.3, rel=0.15)
     # the reference's 0.3 is one decimal: our 0.25 (equal to FlopCounterMode, test above) rounds to it
@@ -131,7 +132,7 @@ def test_base_sizes_against_h200_reference():
     fusion = 16 * 2 * 12 * (2 * 2 * 320 * 768 * 768 + 2 * 256 * 768 * 2 * 768 + 4 * 320 * 256 * 768)
     assert d["trunk"] - plain["trunk"] == fusion
     assert d["total"] / T == pytest.approx(6.3, rel=0.15)
-    assert sampling_flops(mar=mar, kl=kl, steps=64, cfg=2.9, diffusion_steps=100)["total"] / T == \
+    assert sampling_flops(dict(mar=mar, kl=kl), SamplerConfig(steps=64, cfg=2.9, diffusion_steps=100))["total"] / T == \
         pytest.approx(13.7, rel=0.15)
 
 

@@ -9,6 +9,15 @@ from d2c.models.gpt import apply_rope, rope_2d_table
 from d2c.models.generate import gpt_generate, top_k_top_p_filter
 
 
+
+def _gen(m, labels, generator=None, cfg_schedule="constant", compile=False, cfg=1.0, temperature=1.0, top_k=0,
+         top_p=1.0):
+    """gpt_generate at stage-1 settings given by name (the SamplerConfig's stage1_* fields)."""
+    from d2c.sampling import SamplerConfig
+    sampler = SamplerConfig(cfg=cfg, stage1_temperature=temperature, stage1_top_k=top_k, stage1_top_p=top_p,
+                            compile=compile)
+    return gpt_generate(m, labels, sampler, generator=generator, cfg_schedule=cfg_schedule)
+
 def tiny(dtype=torch.float32, head_std=0.5):
     """gpt_tiny in eval mode with a random (not zero) head so that logits carry information."""
     m = d2c.build("gpt_tiny").to(dtype).eval()
@@ -148,7 +157,7 @@ def test_kv_cache_steps_equal_full_recompute():
 def test_greedy_generation_equals_full_recompute(cfg):
     m = tiny(torch.float64)
     labels = torch.tensor([2, 5])
-    codes, nfe = gpt_generate(m, labels, cfg=cfg, temperature=0.0)
+    codes, nfe = _gen(m, labels, cfg=cfg, temperature=0.0)
     assert codes.shape == (2, 64) and codes.dtype == torch.long
     assert nfe["ar_steps"] == 64 and nfe["batch_mul"] == (2 if cfg != 1 else 1)
     with torch.no_grad():
@@ -165,10 +174,10 @@ def test_cfg_batches_cond_then_null_and_skips_uncond_at_scale_one():
     seen = []
     m.cls_embedding.embedding_table.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
     g = lambda: torch.Generator().manual_seed(0)
-    a, _ = gpt_generate(m, torch.tensor([3, 8]), cfg=1.0, generator=g())
+    a, _ = _gen(m, torch.tensor([3, 8]), cfg=1.0, generator=g())
     assert [s.tolist() for s in seen] == [[3, 8]]
     seen.clear()
-    b, _ = gpt_generate(m, torch.tensor([3, 8]), cfg=4.0, generator=g())
+    b, _ = _gen(m, torch.tensor([3, 8]), cfg=4.0, generator=g())
     assert [s.tolist() for s in seen] == [[3, 8, 10, 10]]  # uncond half = null class
     assert not torch.equal(a, b)
     assert m.layers[0].attention.kv_cache is None and not m.training
@@ -199,7 +208,7 @@ def test_top_k_top_p_keep_exactly_the_right_set():
 def test_seed_reproduces_bit_for_bit():
     m = tiny()
     kw = dict(cfg=2.0, temperature=1.0, top_k=100, top_p=0.9, cfg_schedule="linear")
-    run = lambda seed: gpt_generate(m, torch.tensor([1, 2, 3]), generator=torch.Generator().manual_seed(seed), **kw)[0]
+    run = lambda seed: _gen(m, torch.tensor([1, 2, 3]), generator=torch.Generator().manual_seed(seed), **kw)[0]
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
@@ -215,9 +224,9 @@ def test_static_decode_step_gives_the_eager_codes(kw, monkeypatch):
     from d2c.models import generate
     m = tiny(head_std=0.2)
     labels = torch.tensor([0, 3, 7])
-    ref, _ = gpt_generate(m, labels, generator=torch.Generator().manual_seed(5), **kw)
+    ref, _ = _gen(m, labels, generator=torch.Generator().manual_seed(5), **kw)
     monkeypatch.setattr(generate, "compiled_fn", lambda fn: fn)
-    out, _ = gpt_generate(m, labels, generator=torch.Generator().manual_seed(5), compile=True, **kw)
+    out, _ = _gen(m, labels, generator=torch.Generator().manual_seed(5), compile=True, **kw)
     assert torch.equal(out, ref)
     assert len(set(ref.flatten().tolist())) > 8                   # not a degenerate sampler
 
@@ -242,7 +251,7 @@ def test_inverse_cdf_pick_follows_the_filtered_distribution():
 def test_out_of_range_labels_raise_one_line_valueerror(bad):
     m = tiny()
     for call in (lambda: m(torch.zeros(1, 4, dtype=torch.long), torch.tensor([bad])),
-                 lambda: gpt_generate(m, torch.tensor([0, bad]))):
+                 lambda: _gen(m, torch.tensor([0, bad]))):
         with pytest.raises(ValueError, match=r"\[0, 9\]") as e:
             call()
         assert "\n" not in str(e.value)
@@ -251,6 +260,6 @@ def test_out_of_range_labels_raise_one_line_valueerror(bad):
 def test_bad_sampling_arguments_raise():
     m = tiny()
     with pytest.raises(ValueError, match="cfg_schedule"):
-        gpt_generate(m, [0], cfg_schedule="cosine")
-    with pytest.raises(ValueError, match="top_p"):
-        gpt_generate(m, [0], top_p=0.0)
+        _gen(m, [0], cfg_schedule="cosine")
+    with pytest.raises(ValueError, match=r"^stage1_top_p=0.0: allowed: numbers in \(0, 1\]$"):
+        _gen(m, [0], top_p=0.0)

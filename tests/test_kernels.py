@@ -11,7 +11,8 @@ import torch  # noqa: E402
 
 from d2c.kernels import adaln_mlp, head_sampling, record_launches  # noqa: E402
 from d2c.kernels.attention import (ATTENTION_CASES, ATTENTION_DISPATCH, attention, attention_backend,  # noqa: E402
-                                   attention_case, attention_reference, attention_triton, resolve_backend)
+                                   attention_case, attention_reference, resolve_backend)
+from d2c.kernels.attention_triton import attention_triton  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 

@@ -8,7 +8,9 @@ import torch
 from d2c.config import TrainConfig
 from d2c.data.imagefolder import DataConfig
 from d2c.config import Family
-from d2c.pipeline import Pipeline, Recipe, evaluate, mar_config
+from d2c.pipeline import Pipeline, evaluate
+from d2c.recipes import Recipe, mar_config
+from d2c.sampling import SamplerConfig
 
 
 def _tiny_recipe(**gpt_kw):
@@ -92,7 +94,8 @@ def test_evaluate_records_metrics_and_speed(tmp_path, monkeypatch):
 
     from d2c.metrics import detail
     pipe = Pipeline(_tiny_recipe(), root=tmp_path, device="cpu")
-    r = evaluate(pipe, Family("d2c", "cross_attn"), steps=2, num_images=20, batch_size=10, progress=False)
+    r = evaluate(pipe, Family("d2c", "cross_attn"), SamplerConfig(steps=2), num_images=20, batch_size=10,
+                 progress=False)
     assert r["images"].shape == (20, 3, 32, 32)
     assert {"fid", "is_mean", "precision", "recall", "class_accuracy"} <= set(r["metrics"])
     added = {"fid_detail", "spectral_distance", "high_pass_ratio",
@@ -134,7 +137,7 @@ def test_public_tokenizers_are_loaded_not_trained_and_epochs_count_steps(tmp_pat
     import json
 
     import d2c
-    from d2c.pipeline import Pretrained
+    from d2c.recipes import Pretrained
     from test_data import _generated_folder
     caplog.set_level(logging.INFO, logger="d2c.pipeline")
     folder = _generated_folder(tmp_path / "imgs")       # 12 readable images, 1 corrupt
@@ -189,7 +192,7 @@ def test_public_gpt_and_mar_start_the_stages(tmp_path, caplog):
     import argparse
 
     import d2c
-    from d2c.pipeline import Pretrained
+    from d2c.recipes import Pretrained
     from test_data import _generated_folder
     caplog.set_level(logging.INFO, logger="d2c.pipeline")
     folder = _generated_folder(tmp_path / "imgs")
@@ -216,12 +219,12 @@ def test_public_gpt_and_mar_start_the_stages(tmp_path, caplog):
 
     labels, codes = torch.arange(4), torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, _ = mar.sample_tokens(labels, steps=4, cfg=2.0, generator=torch.Generator().manual_seed(5))
+        want, _ = mar.sample_tokens(labels, SamplerConfig(steps=4, cfg=2.0), generator=torch.Generator().manual_seed(5))
     for kind in ("qformer", "cross_attn"):
         m = Pipeline(recipe(0), root=tmp_path / "run", device="cpu").models(Family("d2c", kind))
         assert m["mar"].fusion.kind == kind and torch.equal(m["gpt"].output.weight, gpt.output.weight)
         with torch.no_grad():
-            got, _ = m["mar"].sample_tokens(labels, steps=4, cfg=2.0, codes=codes,
+            got, _ = m["mar"].sample_tokens(labels, SamplerConfig(steps=4, cfg=2.0), codes=codes,
                                             generator=torch.Generator().manual_seed(5))
         assert torch.equal(got, want), kind
     assert trained_stages(caplog) == [] and not (tmp_path / "run" / "ckpt").exists()

@@ -1,9 +1,11 @@
 """The two-stage pipeline and its baselines, end to end on the tiny presets."""
+import dataclasses
+
 import pytest
 import torch
 
 import d2c
-from d2c.sampling import d2c_sample, save_grid, to_uint8
+from d2c.sampling import SamplerConfig, d2c_sample, save_grid, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,8 @@ def _family(models, name):
 @pytest.mark.parametrize("family", ["llamagen", "mar", "cross_attn", "qformer"])
 def test_every_family_end_to_end(models, family):
     labels = torch.tensor([0, 3, 9])
-    res = d2c_sample(labels, seed=1, steps=4, cfg=1.5, **_family(models, family))
+    sampler = SamplerConfig(steps=4, cfg=1.5)
+    res = d2c_sample(labels, _family(models, family), sampler, seed=1)
     assert res.images.dtype == torch.uint8 and res.images.shape == (3, 3, 32, 32)
     assert (res.codes is None) == (family == "mar")
     assert (res.latents is None) == (family == "llamagen")
@@ -34,10 +37,10 @@ def test_every_family_end_to_end(models, family):
     if family != "mar":
         assert res.nfe["ar_steps"] == 64 and res.timings["stage1"] > 0
     if family != "llamagen":
-        assert res.nfe["mar_steps"] == 4 and res.nfe["diffusion_steps"] == 4 * 20
-    again = d2c_sample(labels, seed=1, steps=4, cfg=1.5, **_family(models, family))
+        assert res.nfe["mar_steps"] == 4 and res.nfe["reverse_steps"] == 4 * 20
+    again = d2c_sample(labels, _family(models, family), sampler, seed=1)
     assert torch.equal(again.images, res.images)
-    other = d2c_sample(labels, seed=2, steps=4, cfg=1.5, **_family(models, family))
+    other = d2c_sample(labels, _family(models, family), sampler, seed=2)
     assert not torch.equal(other.images, res.images)
 
 
@@ -52,21 +55,26 @@ def test_d2c_stage2_sees_stage1_codes(models):
         labels = torch.tensor([1, 2])
     a = torch.randint(0, 512, (2, 64))
     b = a.clone(); b[0, :10] = (b[0, :10] + 7) % 512
-    la, _ = mar.sample_tokens(labels, steps=3, codes=a, generator=torch.Generator().manual_seed(0))
-    lb, _ = mar.sample_tokens(labels, steps=3, codes=b, generator=torch.Generator().manual_seed(0))
+    s = SamplerConfig(steps=3, cfg=1.0)
+    la, _ = mar.sample_tokens(labels, s, codes=a, generator=torch.Generator().manual_seed(0))
+    lb, _ = mar.sample_tokens(labels, s, codes=b, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(la[0], lb[0])
     torch.testing.assert_close(la[1], lb[1])
 
 
 def test_missing_stage_is_a_clear_error(models):
     with pytest.raises(ValueError, match="needs gpt"):
-        d2c_sample([0], kl=models["kl"])
+        d2c_sample([0], {"kl": models["kl"]})
     with pytest.raises(ValueError, match="needs the KL tokenizer"):
-        d2c_sample([0], mar=models["mar"])
+        d2c_sample([0], {"mar": models["mar"]})
     with pytest.raises(ValueError, match="needs the VQ tokenizer"):
-        d2c_sample([0], gpt=models["gpt"])
+        d2c_sample([0], {"gpt": models["gpt"]})
     with pytest.raises(ValueError, match=r"labels must be in \[0, 9\]"):
-        d2c_sample([10], mar=models["mar"], kl=models["kl"])
+        d2c_sample([10], {"mar": models["mar"], "kl": models["kl"]})
+    with pytest.raises(ValueError, match=r"^models: 'klx'; allowed: gpt, vq, mar, kl$"):
+        d2c_sample([0], {"gpt": models["gpt"], "klx": models["kl"]})
+    with pytest.raises(ValueError, match=r"^steps=None: allowed: integers >= 1$"):
+        d2c_sample([0], {"mar": models["mar"], "kl": models["kl"]}, SamplerConfig().for_family("llamagen"))
 
 
 def test_to_uint8_and_grid(tmp_path):
@@ -101,24 +109,24 @@ def test_bf16_sampling_matches_fp32(head_sampler):
     gpt, mar, kl = _random(d2c.build("gpt_tiny").eval()), _random(d2c.build("mar_tiny", fusion="qformer").eval()), \
         d2c.build("kl_tiny").eval()
     labels = torch.arange(4)
-    kw = dict(gpt=gpt, mar=mar, kl=kl, steps=4, cfg=2.0, seed=0, head_sampler=head_sampler)
-    a = d2c_sample(labels, **kw)
+    models = dict(gpt=gpt, mar=mar, kl=kl)
+    fp32 = SamplerConfig(steps=4, cfg=2.0, head_sampler=head_sampler)
+    bf16, auto = (dataclasses.replace(fp32, precision=p) for p in ("bf16", "auto"))
+    a = d2c_sample(labels, models, fp32)
     from d2c.precision import bf16_supported
     if not bf16_supported("cpu"):          # e.g. make test-numerics (ATEN_CPU_CAPABILITY=default)
         with pytest.raises(ValueError, match="precision=bf16: no bf16 matrix units torch can use"):
-            d2c_sample(labels, precision="bf16", **kw)
-        assert d2c_sample(labels, precision="auto", **kw).dtypes == a.dtypes   # auto falls back to fp32
+            d2c_sample(labels, models, bf16)
+        assert d2c_sample(labels, models, auto).dtypes == a.dtypes   # auto falls back to fp32
         return
-    b = d2c_sample(labels, precision="bf16", **kw)
+    b = d2c_sample(labels, models, bf16)
     assert a.dtypes == {"stage1": "fp32", "stage2": "fp32"} and b.dtypes == {"stage1": "bf16", "stage2": "bf16"}
     assert b.latents.dtype == torch.float32
     assert (a.codes == b.codes).float().mean() > 0.9       # sampled codes: a near-tie may flip
-    la, _ = mar.sample_tokens(labels, steps=4, cfg=2.0, codes=a.codes, head_sampler=head_sampler,
-                              generator=torch.Generator().manual_seed(1))
+    la, _ = mar.sample_tokens(labels, fp32, codes=a.codes, generator=torch.Generator().manual_seed(1))
     from d2c.precision import autocast_for
     with autocast_for(torch.bfloat16, "cpu"):
-        lb, _ = mar.sample_tokens(labels, steps=4, cfg=2.0, codes=a.codes, head_sampler=head_sampler,
-                                  generator=torch.Generator().manual_seed(1))
+        lb, _ = mar.sample_tokens(labels, fp32, codes=a.codes, generator=torch.Generator().manual_seed(1))
     assert lb.dtype == torch.float32
     rel = ((la - lb).norm() / la.norm()).item()
     assert 0 < rel < 1e-2, rel                               # bf16 did run, and stayed close

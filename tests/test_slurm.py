@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from test_ablations import TINY, _env, _results, metrics_cache, paper_files, records  # noqa: F401 (fixtures)
+from test_ablations import TINY, _env, _results, metrics_cache, records  # noqa: F401 (fixtures)
+from test_paper_scale import paper_files  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"

@@ -318,7 +318,7 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
     """accum_steps=4: four micro-batches of 2, gradients summed (each loss / 4), one update: the
     same weights as one batch of 8 (float64, dropout off: an identity of the math, as for DDP).
     The stage folder's key does not change with it (it is how a step runs, not what it computes)."""
-    from d2c.checkpoint import stable_hash
+    from d2c.files import stable_hash
     with _default_dtype(torch.float64):
         train(train_config(train_steps=3, lr=1e-2), TokenSource(MemoryCache()), tmp_path / "one")
         train(train_config(train_steps=3, lr=1e-2, accum_steps=4), TokenSource(MemoryCache()), tmp_path / "acc")

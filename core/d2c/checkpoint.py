@@ -1,13 +1,11 @@
 """Weights in and out: public checkpoint files, our safetensors, and the run folders of training
-(`step_XXXXXXX/` checkpoints, `config.json`, `DONE`); plus the file mechanics every writer
-shares: one atomic writer, the stable config hash that names run folders and caches, the
-liveness test for stale temp files.  Loading never unpickles code: safetensors, or
-`torch.load(weights_only=True)` for the public `.pt`/`.ckpt` containers."""
+(`step_XXXXXXX/` checkpoints, `config.json`, `DONE`), written through d2c.files' atomic writer.
+Loading never unpickles code: safetensors, or `torch.load(weights_only=True)` for the public
+`.pt`/`.ckpt` containers."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
@@ -15,6 +13,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from d2c.files import atomic_write, fsync_path
 
 # Containers of the public files: LlamaGen GPT/VQ {"model": sd}; MAR {"model", "model_ema", ...};
 # KL-16 {"model": sd}.  MAR's published samples use the EMA weights, so they win.
@@ -109,20 +109,11 @@ def load_into(model: torch.nn.Module, sd: dict, strict: bool = True, source: str
     return model
 
 
-def file_digest(path, length: int = 12) -> str:
-    """SHA-256 of a file's bytes (read in 16 MiB blocks: a public checkpoint is up to 4 GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()[:length]
-
-
 def check_pretrained(preset: str, path, new: tuple = (), **overrides) -> None:
     """Whether `path` loads into `preset` (strict), reading only what it must: the safetensors
     header, or a memory-mapped torch container; the model is built on the meta device.  Raises
     the CheckpointError that loading would raise, before anything runs."""
-    import d2c
+    from d2c.registry import build
 
     path = Path(path)
     if not path.is_file():
@@ -138,96 +129,8 @@ def check_pretrained(preset: str, path, new: tuple = (), **overrides) -> None:
     else:
         sd = unwrap(safe_torch_load(path, mmap=True), str(path))
     with torch.device("meta"):
-        model = d2c.build(preset, **overrides)
+        model = build(preset, **overrides)
     check_keys(model, sd, True, str(path), new)
-
-
-def json_default(o):
-    """JSON for what configs and records hold beyond plain types: dataclasses, tensors / numpy
-    scalars, paths, tuples and sets; anything else by its str()."""
-    if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return o.identity() if hasattr(o, "NOT_HASHED") else dataclasses.asdict(o)   # TrainConfig
-    if isinstance(o, (set, frozenset, tuple)):
-        return list(o)
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
-
-
-def stable_hash(obj, length: int = 16) -> str:
-    """Hex digest of `obj` as sorted-key JSON: the same config names the same folder on any machine."""
-    blob = json.dumps(obj, sort_keys=True, default=json_default)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this host still has `pid` (a writer whose temp files must stay)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True   # someone else's process (or not a pid): assume alive
-    return True
-
-
-def fsync_path(path) -> None:
-    """Flush a file's or a folder's entry to disk (a rename is durable once its folder is)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write, tmp=None) -> None:
-    """The one atomic writer: `write(f)` fills a binary file opened on a temp file beside `path`
-    (default `.<name>.tmp<pid>`), then fsync, rename over `path`, fsync the folder: readers see
-    the old content or the new, never half.  The temp file is opened O_EXCL | O_NOFOLLOW, so a
-    planted link is never written through; a failed write removes it."""
-    path = Path(path)
-    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.unlink()   # our own pid's leftover (pid reuse); unlinking a link never touches its target
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)   # replaces a symlink at `path` itself, never its target
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_path(path.parent)
-
-
-def atomic_write_text(path, text: str, tmp=None) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()), tmp)
-
-
-def write_once(path, text: str) -> None:
-    """Create `path` with `text` unless it exists: the first of several writers (ranks of a job)
-    wins, atomically (link(2) fails on an existing name); the others read what it wrote."""
-    import socket
-    path = Path(path)
-    tmp = path.parent / f".{path.name}-{socket.gethostname()}-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(tmp)
-    fsync_path(path.parent)
 
 
 def save_safetensors(model_or_sd, path) -> None:
@@ -306,11 +209,11 @@ def is_done(out) -> bool:
 
 def load_trained(out, ema: bool = True, device="cpu"):
     """The model of a finished (or interrupted) run, EMA weights by default, in eval mode."""
-    import d2c
+    from d2c.registry import build
     out = Path(out)
     meta = json.loads((out / "config.json").read_text())
     tc = meta["train"]
-    model = d2c.build(tc["preset"], **_overrides_from_json(meta["model"], tc["preset"]))
+    model = build(tc["preset"], **_overrides_from_json(meta["model"], tc["preset"]))
     dirs = checkpoint_dirs(out)
     if not dirs:
         raise FileNotFoundError(f"{out}: no checkpoint (step_*/) found; train the stage first")

@@ -11,17 +11,14 @@ import contextlib
 import os
 import sys
 
+from d2c.errors import MissingExtra, NonFiniteLoss
+
 EXIT_USER_ERROR = 2
-
-
-def user_error_types() -> tuple:
-    # d2c's own error types are ValueError subclasses (CheckpointError, DataError, MetricsError,
-    # CacheError, RecordError) and config validation raises plain ValueError; NonFiniteLoss is
-    # a FloatingPointError; a path the user gave that does not exist is a FileNotFoundError.
-    # a missing optional package is MissingExtra (an ImportError), naming the extra to install.
-    from d2c import MissingExtra
-    from d2c.train import NonFiniteLoss
-    return (ValueError, NonFiniteLoss, MissingExtra, FileNotFoundError, NotADirectoryError, PermissionError)
+# d2c's own error types are ValueError subclasses (CheckpointError, DataError, MetricsError,
+# CacheError, RecordError) and config validation raises plain ValueError; NonFiniteLoss is a
+# FloatingPointError; a path the user gave that does not exist is a FileNotFoundError; a missing
+# optional package is MissingExtra (an ImportError), naming the extra to install.
+USER_ERROR_TYPES = (ValueError, NonFiniteLoss, MissingExtra, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def one_line(e: BaseException, with_type: bool = False) -> str:
@@ -38,7 +35,7 @@ def exit_on_user_error():
     """Wrap a main(): user errors -> `error: ...` on stderr and SystemExit(2)."""
     try:
         yield
-    except user_error_types() as e:
+    except USER_ERROR_TYPES as e:
         if os.environ.get("D2C_TRACEBACK"):
             raise
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)

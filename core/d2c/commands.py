@@ -2,6 +2,7 @@
 
     d2c-sample   --mar ckpt/d2c_qformer-.../ --gpt c2i_B_256.pt --kl kl16.ckpt --out runs/eval/d2c-b \
                  --num-images 50000 --steps 64 --cfg 2.9 [--png]      # -> runs/eval/d2c-b/samples.npz
+                 (a flag per d2c.sampling.SamplerConfig field: --stage1-top-k, --uncond-refresh, ...)
     d2c-evaluate --npz runs/eval/d2c-b/samples.npz --inception weights-inception-2015-12-05-6726825d.pth \
                  --reference VIRTUAL_imagenet256_labeled.npz          # -> runs/eval/d2c-b/metrics.json
 (also `python -m d2c.commands sample|evaluate ...`).  A model is a run folder of ours (its
@@ -53,14 +54,8 @@ def sample_main(argv=None):
     ap.add_argument("--num-classes", type=int, default=None, help="default: the model's")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=64, help="MAR iterations")
-    ap.add_argument("--cfg", type=float, default=1.0)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--diffusion-steps", type=int, default=None)
-    ap.add_argument("--precision", default="fp32", help="fp32 | bf16 | auto")
-    ap.add_argument("--compile", action="store_true",
-                    help="compile the samplers' steps and replay them as CUDA graphs (the fast path on CUDA); "
-                         "the first batch's extra time is speed.json's compile_seconds")
+    from d2c.sampling import add_sampler_flags
+    add_sampler_flags(ap)      # every SamplerConfig field: a harness cell replays as flags
     ap.add_argument("--png", action="store_true", help="also write png/<index>.png")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
@@ -72,6 +67,7 @@ def sample_main(argv=None):
 def _sample(args):
     from d2c.distributed import init_distributed
     from d2c.evaluation import EvalError, sample_to_npz
+    from d2c.sampling import sampler_from_args
     if not (args.mar or (args.gpt and args.vq)):
         raise EvalError("give --mar (MAR; + --gpt: D2C) or --gpt with --vq (LlamaGen)")
     if args.mar and not args.kl:
@@ -87,13 +83,8 @@ def _sample(args):
         raise EvalError("--gpt with a plain MAR: D2C needs a fused stage 2 (a D2C run folder, or --fusion for a MAR file)")
     num_classes = args.num_classes or (models["gpt"].config.num_classes if "gpt" in models
                                        else models["mar"].config.class_num)
-    kw = dict(cfg=args.cfg, temperature=args.temperature, precision=args.precision)
-    if args.compile:
-        kw["compile"] = True
-    if "mar" in models:
-        kw.update(steps=args.steps, diffusion_steps=args.diffusion_steps)
-    npz = sample_to_npz(models, args.out, num_images=args.num_images, num_classes=num_classes,
-                        batch_size=args.batch_size, seed=args.seed, png=args.png, **kw)
+    npz = sample_to_npz(models, args.out, sampler_from_args(args), num_images=args.num_images,
+                        num_classes=num_classes, batch_size=args.batch_size, seed=args.seed, png=args.png)
     from d2c.distributed import dist_env
     if dist_env()[0] == 0:
         print(f"wrote {npz} ({args.num_images} images); speed: {Path(args.out) / 'speed.json'}", flush=True)
@@ -115,7 +106,7 @@ def evaluate_main(argv=None):
 
 
 def _evaluate(args):
-    from d2c.checkpoint import atomic_write_text
+    from d2c.files import atomic_write_text
     from d2c.distributed import dist_env
     from d2c.evaluation import evaluate_npz
     from d2c.metrics import hardware_info

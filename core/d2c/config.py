@@ -207,7 +207,7 @@ class TrainConfig:
     spectral_weight: float = 0.0       # kl stage: + this x L1 of the FFT amplitudes (d2c.train.stage_loss)
     scale_batches: int = 8             # kl stage: batches used to fit the latent scale
     # A non-finite loss or gradient norm: "stop" checkpoints the last good state (the bad update
-    # is never applied) and raises d2c.train.NonFiniteLoss naming the step; "skip" drops that
+    # is never applied) and raises d2c.errors.NonFiniteLoss naming the step; "skip" drops that
     # batch (no optimizer or EMA update), counts it, and stops only after this many in a row.
     on_nonfinite: str = "stop"         # stop | skip
     max_consecutive_skips: int = 10

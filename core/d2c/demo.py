@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import d2c
-from d2c.sampling import d2c_sample, save_grid
+from d2c.sampling import SamplerConfig, d2c_sample, save_grid
 
 
 def main(argv=None):
@@ -23,12 +23,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from d2c.cli import exit_on_user_error
     with exit_on_user_error():   # user errors: one line on stderr, exit 2
-        if args.num_images < 1 or args.steps < 1:
-            raise ValueError(f"--num-images={args.num_images} --steps={args.steps}; allowed: integers >= 1")
-        _run(args)
+        if args.num_images < 1:
+            raise ValueError(f"--num-images={args.num_images}; allowed: integers >= 1")
+        _run(args, SamplerConfig(steps=args.steps))
 
 
-def _run(args):
+def _run(args, sampler: SamplerConfig):
     torch.manual_seed(args.seed)
     gpt, vq, kl = d2c.build("gpt_tiny").eval(), d2c.build("vq_tiny").eval(), d2c.build("kl_tiny").eval()
     mar = d2c.build("mar_tiny").eval()
@@ -38,7 +38,7 @@ def _run(args):
             "d2c_qformer": dict(gpt=gpt, mar=d2c_qf, kl=kl)}
     out = Path(args.out)
     for name, models in runs.items():
-        res = d2c_sample(labels, seed=args.seed, steps=args.steps, cfg=2.0, **models)
+        res = d2c_sample(labels, models, sampler, seed=args.seed)
         path = save_grid(res.images, out / f"{name}.png")
         t = res.timings
         print(f"{name:12s} {len(labels) / t['total']:7.1f} img/s  "

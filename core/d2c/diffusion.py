@@ -293,3 +293,17 @@ def create_diffusion(timestep_respacing="", num_timesteps: int = 1000) -> Gaussi
     ac = torch.cumprod(1.0 - base, 0)
     prev = torch.cat([torch.ones(1, dtype=torch.float64, device=_CPU), ac[kept][:-1]])
     return GaussianDiffusion(1.0 - ac[kept] / prev, timestep_map=kept)
+
+
+# ------------------------------------------------------------------------------ the network's timestep input
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """(N,) timesteps -> (N, dim) float32 [cos(t w_i), sin(t w_i)], w_i = max_period^(-i/half)
+    (DiT's sinusoidal embedding; a zero column pads an odd dim).  Here, below both the DiffLoss
+    module and the head's fast paths, so neither imports the other for it."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb

@@ -1,7 +1,7 @@
 """The ADM / MAR evaluation protocol at scale: every rank samples its batches, one ADM `.npz`.
 
-    npz = sample_to_npz(models, "runs/eval/d2c-b", num_images=50_000, num_classes=1000,
-                        batch_size=64, seed=0, steps=64, cfg=2.9)      # all ranks of the job
+    npz = sample_to_npz(models, "runs/eval/d2c-b", SamplerConfig(steps=64, cfg=2.9),
+                        num_images=50_000, num_classes=1000, batch_size=64, seed=0)   # all ranks
     metrics = evaluate_npz(npz, inception="weights-inception-2015-12-05-6726825d.pth",
                            reference="VIRTUAL_imagenet256_labeled.npz")
 
@@ -21,6 +21,7 @@ synchronised, and the largest peak memory of any rank.  `png=True` also writes
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from d2c.metrics.speed import NFE_KEYS
+
 
 class EvalError(ValueError):
     """A sample folder or file that cannot be used; the message is one line for the user."""
@@ -46,13 +50,13 @@ def _fingerprints(models: dict) -> dict:
     return {k: tokenizer_fingerprint(m)[:16] for k, m in sorted(models.items())}
 
 
-def sample_to_npz(models: dict, out, *, num_images: int, num_classes: int, batch_size: int = 64,
+def sample_to_npz(models: dict, out, sampler, *, num_images: int, num_classes: int, batch_size: int = 64,
                   seed: int = 0, png: bool = False, rank: Optional[int] = None, world: Optional[int] = None,
-                  progress: bool = True, wait: bool = True, **sample_kw) -> Optional[Path]:
-    """Sample this rank's batches of the evaluation into `out` (d2c_sample's models and keyword
-    arguments), then, once all ranks' batches exist, `out/samples.npz`; returns its path (None on
-    a rank that does not wait for the others: wait=False)."""
-    from d2c.checkpoint import atomic_write, atomic_write_text, write_once
+                  progress: bool = True, wait: bool = True) -> Optional[Path]:
+    """Sample this rank's batches of the evaluation into `out` (d2c_sample's models and
+    SamplerConfig), then, once all ranks' batches exist, `out/samples.npz`; returns its path
+    (None on a rank that does not wait for the others: wait=False)."""
+    from d2c.files import atomic_write, atomic_write_text, write_once
     from d2c.distributed import dist_env
     from d2c.metrics import balanced_labels
     from d2c.metrics.speed import peak_memory
@@ -64,16 +68,17 @@ def sample_to_npz(models: dict, out, *, num_images: int, num_classes: int, batch
         rank, world, _ = dist_env()
     out = Path(out)
     (out / "batches").mkdir(parents=True, exist_ok=True)
+    model = "d2c" if {"gpt", "mar"} <= set(models) else "mar" if "mar" in models else "llamagen"
+    sampler = sampler.for_family(model)
     settings = {"num_images": num_images, "num_classes": num_classes, "batch_size": batch_size, "seed": seed,
-                "sample": {k: v for k, v in sorted(sample_kw.items()) if k != "progress"},
+                "sample": {k: v for k, v in sorted(dataclasses.asdict(sampler).items()) if v is not None},
                 "models": _fingerprints(models)}
     text = json.dumps(settings, sort_keys=True, default=str)
     write_once(out / "meta.json", text)
     if (out / "meta.json").read_text() != text:
-        old = json.loads((out / "meta.json").read_text())
-        diff = next((k for k in settings if json.dumps(old.get(k), sort_keys=True, default=str)
-                     != json.dumps(settings[k], sort_keys=True, default=str)), "?")
-        raise EvalError(f"{out} holds samples of another configuration ({diff} differs); give a new folder")
+        diff = _differs(json.loads((out / "meta.json").read_text()), settings, sampler)
+        if diff:
+            raise EvalError(f"{out} holds samples of another configuration ({diff} differs); give a new folder")
     labels = balanced_labels(num_images, num_classes)
     num_batches = -(-num_images // batch_size)
     todo = [b for b in range(rank, num_batches, world) if not _done(out, b)]
@@ -88,7 +93,7 @@ def sample_to_npz(models: dict, out, *, num_images: int, num_classes: int, batch
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            res = d2c_sample(lab, seed=seed * 100_003 + b, **sample_kw, **models)
+            res = d2c_sample(lab, models, sampler, seed=seed * 100_003 + b)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
@@ -105,10 +110,26 @@ def sample_to_npz(models: dict, out, *, num_images: int, num_classes: int, batch
     return _complete(out, num_batches, labels, rank, world, wait)
 
 
+def _differs(old: dict, new: dict, sampler) -> Optional[str]:
+    """The first setting of a folder's meta.json that differs from this run's, None if none does.
+    A sampler setting an older folder does not name ran at its default; one the family does not
+    run (None here) cannot differ."""
+    from d2c.sampling import SAMPLER_DEFAULTS
+    for k in new:
+        if k != "sample" and json.dumps(old.get(k), sort_keys=True, default=str) \
+                != json.dumps(new[k], sort_keys=True, default=str):
+            return k
+    before = old.get("sample") or {}
+    for k, v in dataclasses.asdict(sampler).items():
+        if v is not None and before.get(k, SAMPLER_DEFAULTS[k]) != v:
+            return f"sample.{k}"
+    return None
+
+
 def _write_pngs(folder: Path, arr: np.ndarray, first: int) -> None:
     from PIL import Image
 
-    from d2c.checkpoint import atomic_write
+    from d2c.files import atomic_write
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(arr):
         atomic_write(folder / f"{first + i:06d}.png", lambda f, img=img: Image.fromarray(img).save(f, format="PNG"))
@@ -127,7 +148,7 @@ def _gather(out: Path, num_batches: int, labels) -> None:
     """Stream every batch into samples.npz (arr_0 uint8 NHWC, arr_1 labels) and write speed.json."""
     import zipfile
 
-    from d2c.checkpoint import atomic_write, atomic_write_text
+    from d2c.files import atomic_write, atomic_write_text
     parts = [np.load(_batch(out, b, "npy"), mmap_mode="r") for b in range(num_batches)]
     shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
     if shape[0] != len(labels) or any(p.shape[1:] != parts[0].shape[1:] or p.dtype != np.uint8 for p in parts):
@@ -165,7 +186,10 @@ def speed_summary(out: Path, num_batches: int) -> dict:
         extra = sum(r["seconds"] - r["images"] * rec["seconds_per_image"] for r in warm) / len(warm)
         rec["compile_seconds"] = max(0.0, extra)
     rec.update({f"{k}_seconds": sum(r["timings"].get(k, 0.0) for r in timed) for k in ("stage1", "stage2", "decode")})
-    rec.update({k: int(recs[0]["nfe"].get(k, 0)) for k in ("ar_steps", "mar_steps", "diffusion_steps")})
+    nfe = {**recs[0]["nfe"]}
+    if "diffusion_steps" in nfe:              # batches sampled before the total had its own name
+        nfe.setdefault("reverse_steps", nfe.pop("diffusion_steps"))
+    rec.update({k: int(nfe.get(k, 0)) for k in NFE_KEYS})
     rec.update({f"{k}_dtype": v for k, v in recs[0]["dtypes"].items()})
     rec.update(peak_memory_bytes=peak["peak_memory_bytes"], peak_memory_kind=peak["peak_memory_kind"])
     return rec

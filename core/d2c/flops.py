@@ -162,30 +162,31 @@ def decoder_flops(tok, side: int | None = None) -> int:
 
 
 # ------------------------------------------------------------------ the whole sampler
-def sampling_flops(*, gpt=None, mar=None, kl=None, vq=None, steps: int = 16, cfg: float = 1.0,
-                   diffusion_steps: int | None = None, diffusion_steps_last: int | None = None,
-                   uncond_refresh: int | None = None, batch: int = 1) -> dict:
-    """Matmul FLOPs per image of `d2c_sample` with these models (nn.Modules or their configs)
-    and arguments, by part: stage1 (GPT), trunk (MAR encoder + decoder + fusion), head (the
-    diffusion head), decode (KL after MAR, else VQ; 0 when that tokenizer is not given), total.
+def sampling_flops(models: dict, sampler, batch: int = 1) -> dict:
+    """Matmul FLOPs per image of `d2c_sample(labels, models, sampler)` (models: nn.Modules or their
+    configs under d2c_sample's keys), by part: stage1 (GPT), trunk (MAR encoder + decoder +
+    fusion), head (the diffusion head), decode (KL after MAR, else VQ; 0 when that tokenizer is
+    not given), total.
 
-    CFG (cfg != 1) runs every network on [cond; uncond] rows; uncond_refresh=k (LazyMAR) runs
-    the trunk's unconditional half only in rounds 0, k, 2k, ..., while the head keeps both
+    CFG (a scale != 1) runs a stage's networks on [cond; uncond] rows; uncond_refresh=k (LazyMAR)
+    runs the trunk's unconditional half only in rounds 0, k, 2k, ..., while the head keeps both
     halves.  `batch` matters only for the head's timestep embedding, one row a reverse step
     shared by the batch.  Elementwise work is not counted (see the module docstring)."""
+    gpt, mar, kl, vq = (models.get(k) for k in ("gpt", "mar", "kl", "vq"))
     if gpt is None and mar is None:
         raise ValueError("sampling_flops needs gpt (stage 1), mar (stage 2), or both")
-    for k, v in (("diffusion_steps_last", diffusion_steps_last), ("uncond_refresh", uncond_refresh)):
-        if v is not None and v < 1:
-            raise ValueError(f"{k}={v}; allowed: integers >= 1 or None")
-    g = 2 if cfg != 1.0 else 1                         # rows per image
-    out = {"stage1": g * gpt_flops(gpt) if gpt is not None else 0, "trunk": 0, "head": 0}
+    sampler.check(stage1=gpt is not None, stage2=mar is not None)
+    out = {"stage1": (2 if sampler.stage1_guidance != 1.0 else 1) * gpt_flops(gpt) if gpt is not None else 0,
+           "trunk": 0, "head": 0}
     if mar is not None:
+        g = 2 if sampler.cfg != 1.0 else 1             # rows per image
+        refresh = sampler.uncond_refresh
         c = _cfg(mar)
         W = c.diffloss_w
         t_emb = _linear(1, TIME_EMBED_FREQS, W) + _linear(1, W, W)
-        for step, (known, pred, n_diff) in enumerate(mar_schedule(c, steps, diffusion_steps, diffusion_steps_last)):
-            lazy = g == 2 and uncond_refresh is not None and step % uncond_refresh
+        schedule = mar_schedule(c, sampler.steps, sampler.diffusion_steps, sampler.diffusion_steps_last)
+        for step, (known, pred, n_diff) in enumerate(schedule):
+            lazy = g == 2 and refresh is not None and step % refresh
             out["trunk"] += (1 if lazy else g) * mar_condition_flops(c, known)
             if pred:                                   # cond_embed once a round, then the steps
                 rows = g * pred

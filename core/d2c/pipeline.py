@@ -10,72 +10,22 @@ interrupted one resumes from its last checkpoint.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from d2c.checkpoint import is_done, load_trained
+from d2c.files import stable_hash
 from d2c.config import Family, TrainConfig, make_config
-from d2c.data.imagefolder import DataConfig, build_dataset
-from d2c.checkpoint import is_done, load_trained, stable_hash
 from d2c.data.batches import ImageSource, TokenSource
+from d2c.data.imagefolder import build_dataset
+from d2c.recipes import Recipe, mar_config
 from d2c.train import train
 
 
 logger = logging.getLogger(__name__)
-
-
-def _default_stages() -> dict:
-    """The embedded default: sized so the whole chain trains on a 2-core CPU in minutes.
-
-    Tokenizers: LDM's autoencoder betas (0.5, 0.9) and lr 1e-3 (2e-3 and 5e-3 learned slower).
-    Stage 2: one plain-MAR trunk, then `mar.train_steps` more for each family (Pipeline.mar).
-    The transformers train in fp32: at these widths (128) bf16 autocast made a CPU step 1.8x
-    slower (GPT 0.40 vs 0.22 s, MAR 0.46 vs 0.25 s; batch 64, 2 cores), and the time saved buys
-    twice the steps."""
-    common = dict(warmup_steps=50, ema_decay=0.995, precision="auto", ckpt_every=200, log_every=20)
-    tok = dict(train_steps=600, batch_size=32, lr=1e-3, betas=(0.5, 0.9), **common)
-    fp32 = {**common, "precision": "fp32"}
-    return {
-        # spectral term: detail rFID 2.8 vs 3.4 without, high-pass energy kept 61% vs 54% (shapes v5)
-        "kl": TrainConfig(stage="kl", preset="kl_small", spectral_weight=1.0, **tok),
-        "vq": TrainConfig(stage="vq", preset="vq_small", **tok),
-        "gpt": TrainConfig(stage="gpt", preset="gpt_small", train_steps=600, batch_size=64, lr=2e-3,
-                           weight_decay=0.05, grad_clip=1.0, **fp32),
-        "mar_trunk": TrainConfig(stage="mar", preset="mar_small", train_steps=450, batch_size=64, lr=2e-3, **fp32),
-        "mar": TrainConfig(stage="mar", preset="mar_small", train_steps=150, batch_size=64, lr=1e-3,
-                           **{**fp32, "warmup_steps": 10}),
-    }
-
-
-@dataclass
-class Pretrained:
-    """A public tokenizer file, loaded instead of trained: MAR's `kl16.ckpt` (preset kl_16),
-    LlamaGen's `vq_ds16_c2i.pt` (vq_16), or a file of the same layout."""
-    preset: str
-    path: str
-
-
-@dataclass
-class Recipe:
-    data: DataConfig = field(default_factory=DataConfig)
-    stages: dict = field(default_factory=_default_stages)
-    pretrained: dict = field(default_factory=dict)   # "kl" / "vq" -> Pretrained (then no such stage trains)
-    # "gpt" -> a public GPT file, stage 1 as it is (never trained); "mar" -> a public MAR file that
-    # starts stage 2 (fusion modules new and zero-init), fine-tuned for the stage's epochs, or
-    # used as it is at train_epochs=0
-    init: dict = field(default_factory=dict)
-
-
-def mar_config(recipe: Recipe, family: Family, stage: str = "mar") -> TrainConfig:
-    """Stage-2 config of a family (from recipe stage `stage`, "mar" or "mar_trunk"): the
-    family's fusion (none for MAR)."""
-    base = recipe.stages[stage]
-    fusion = {**base.overrides.get("fusion", {}), "kind": family.fusion}
-    return dataclasses.replace(base, overrides={**base.overrides, "fusion": fusion})
 
 
 @contextlib.contextmanager
@@ -174,9 +124,9 @@ class Pipeline:
 
     def cache(self):
         """The token cache of the dataset under every tokenizer the recipe has (all ranks of a
-        job build it together: d2c.data.cache)."""
+        job build it together: d2c.data.cache_build)."""
         if self._cache is None:
-            from d2c.data.cache import build_token_cache
+            from d2c.data.cache_build import build_token_cache
             kl, vq = (self.tokenizer(k) if self.has_tokenizer(k) else None for k in ("kl", "vq"))
             self._cache = build_token_cache(self.dataset, self.root / "cache", kl=kl, vq=vq,
                                             device=self.device, batch_size=256)
@@ -209,7 +159,7 @@ class Pipeline:
         scale = self.tokenizer("kl").config.scale
         upstream, init = self._upstream(), None
         if "mar" in self.recipe.init:       # a public MAR starts stage 2 (or is it, at 0 epochs)
-            from d2c.checkpoint import file_digest
+            from d2c.files import file_digest
             init = Path(self.recipe.init["mar"])
             if config.train_epochs == 0:
                 return self._public(config, init)
@@ -229,7 +179,7 @@ class Pipeline:
         trained tokenizer and kept in its stage folder."""
         import json
 
-        from d2c.checkpoint import atomic_write_text
+        from d2c.files import atomic_write_text
         from d2c.metrics.detail import reconstruction_metrics
         out = {}
         for kind in ("kl", "vq"):
@@ -259,37 +209,36 @@ class Pipeline:
 # --------------------------------------------------------------------------- sample + measure
 
 
-def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_images: int = 1000, batch_size: int = 100,
-             cfg: float = 1.0, temperature: float = 1.0, diffusion_steps: int | None = None, seed: int = 0,
-             diffusion_steps_last: int | None = None, head_sampler: str | None = "ddpm",
-             uncond_refresh: int | None = None, precision: str = "fp32", compile: bool = False,
-             progress: bool = True) -> dict:
-    """Sample `num_images` class-balanced images of a family in this process and measure them
-    (the embedded default; at paper scale evaluate_adm): FID/IS/KID/PR (embedded layout net),
-    class accuracy, the detail metrics (fid_detail, spectral_distance, high_pass_ratio), both
-    tokenizers' reconstruction metrics (rfid_kl, rfid_vq, ...), and speed (per-stage seconds,
-    NFEs, peak memory).  compile=True: the first batch compiles and captures; its time beyond the
-    other batches' rate is reported apart (speed["compile_seconds"]), the speed from the others."""
+def _num_classes(models: dict) -> int:
+    return models["gpt"].config.num_classes if "gpt" in models else models["mar"].config.class_num
+
+
+def evaluate(pipe: Pipeline, family: Family, sampler, *, num_images: int = 1000, batch_size: int = 100,
+             seed: int = 0, progress: bool = True) -> dict:
+    """Sample `num_images` class-balanced images of a family in this process with `sampler` (a
+    d2c.sampling.SamplerConfig) and measure them (the embedded default; at paper scale
+    evaluate_adm): FID/IS/KID/PR (embedded layout net), class accuracy, the detail metrics
+    (fid_detail, spectral_distance, high_pass_ratio), both tokenizers' reconstruction metrics
+    (rfid_kl, rfid_vq, ...), and speed (per-stage seconds, NFEs, peak memory).  sampler.compile:
+    the first batch compiles and captures; its time beyond the other batches' rate is reported
+    apart (speed["compile_seconds"]), the speed from the others."""
     from d2c.metrics import balanced_labels, class_accuracy, compute_metrics, speed_record
     from d2c.metrics.detail import detail_metrics
     from d2c.sampling import SampleResult, d2c_sample
 
     models = pipe.models(family)
-    num_classes = models["gpt"].config.num_classes if "gpt" in models else models["mar"].config.class_num
-    labels = balanced_labels(num_images, num_classes)
+    sampler = sampler.for_family(family)
+    labels = balanced_labels(num_images, _num_classes(models))
     images, timings, nfe, first = [], {}, {}, None
     chunks = list(torch.split(labels, batch_size))
     it = chunks
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(chunks, desc=f"sample {family.name} steps={steps}", dynamic_ncols=True)
+        it = tqdm(chunks, desc=f"sample {family.name} steps={sampler.steps}", dynamic_ncols=True)
     for i, lab in enumerate(it):
-        res = d2c_sample(lab, seed=seed * 100_003 + i, steps=steps, cfg=cfg, temperature=temperature,
-                         diffusion_steps=diffusion_steps, diffusion_steps_last=diffusion_steps_last,
-                         head_sampler=head_sampler or "ddpm", uncond_refresh=uncond_refresh,
-                         precision=precision, compile=compile, **models)
+        res = d2c_sample(lab, models, sampler, seed=seed * 100_003 + i)
         images.append(res.images)
-        if compile and i == 0 and len(chunks) > 1:
+        if sampler.compile and i == 0 and len(chunks) > 1:
             first = (res.timings["total"], len(lab))          # compilation and graph capture
         else:
             for k, v in res.timings.items():
@@ -304,15 +253,13 @@ def evaluate(pipe: Pipeline, family: Family, *, steps: int | None = 16, num_imag
     metrics["class_accuracy"] = class_accuracy(images, labels, cache_dir=pipe.root / "cache")
     metrics.update(detail_metrics(images, cache_dir=pipe.root / "cache", device=pipe.device))
     metrics.update(pipe.tokenizer_metrics())
-    return {"family": family.name, "steps": steps, "cfg": cfg, "num_images": num_images,
+    return {"family": family.name, "sampler": sampler, "num_images": num_images,
             "metrics": metrics, "speed": speed, "images": images}
 
 
-def evaluate_adm(pipe: Pipeline, family: Family, out, *, steps: int | None = 16, num_images: int = 50_000,
-                 batch_size: int = 64, cfg: float = 1.0, temperature: float = 1.0, diffusion_steps: int | None = None,
-                 seed: int = 0, diffusion_steps_last: int | None = None, head_sampler: str | None = "ddpm",
-                 uncond_refresh: int | None = None, inception=None, reference=None, precision: str = "fp32",
-                 compile: bool = False, progress: bool = True) -> dict | None:
+def evaluate_adm(pipe: Pipeline, family: Family, out, sampler, *, num_images: int = 50_000,
+                 batch_size: int = 64, seed: int = 0, inception=None, reference=None,
+                 progress: bool = True) -> dict | None:
     """The ADM / MAR protocol (d2c.evaluation): every rank of the job samples its batches of
     `num_images` class-balanced images into `out` (a rerun samples only the missing ones), then
     rank 0 measures `out/samples.npz`.  Returns evaluate()'s dict on rank 0 (its images: the
@@ -323,19 +270,13 @@ def evaluate_adm(pipe: Pipeline, family: Family, out, *, steps: int | None = 16,
     from d2c.evaluation import evaluate_npz, load_npz_images, sample_to_npz
 
     models = pipe.models(family)
-    num_classes = models["gpt"].config.num_classes if "gpt" in models else models["mar"].config.class_num
-    sampler = dict(steps=steps, cfg=cfg, temperature=temperature, precision=precision)
-    if family.has_stage2:
-        sampler.update(diffusion_steps=diffusion_steps, diffusion_steps_last=diffusion_steps_last,
-                       head_sampler=head_sampler or "ddpm", uncond_refresh=uncond_refresh)
-    if compile:                      # only when on: sample folders of eager runs keep their meta.json
-        sampler["compile"] = True
-    npz = sample_to_npz(models, out, num_images=num_images, num_classes=num_classes, batch_size=batch_size,
-                        seed=seed, progress=progress, **sampler)
+    sampler = sampler.for_family(family)
+    npz = sample_to_npz(models, out, sampler, num_images=num_images, num_classes=_num_classes(models),
+                        batch_size=batch_size, seed=seed, progress=progress)
     if dist_env()[0] != 0:
         return None
     metrics = evaluate_npz(npz, inception=inception, reference=reference, device=pipe.device)
     speed = json.loads((Path(out) / "speed.json").read_text())
     images = torch.from_numpy(load_npz_images(npz)[:64]).permute(0, 3, 1, 2).contiguous()
-    return {"family": family.name, "steps": steps, "cfg": cfg, "num_images": num_images,
+    return {"family": family.name, "sampler": sampler, "num_images": num_images,
             "metrics": metrics, "speed": speed, "images": images}

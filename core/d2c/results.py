@@ -19,14 +19,18 @@ Schema version 1 (`SCHEMA_VERSION`), keys of a record:
     family        str    llamagen | mar | d2c_cross_attn | d2c_qformer
     config        dict   the run's axes: model, fusion (the kind), fusion.num_queries / .depth / .layers /
                          .d_fuse (the values that ran; null where they do not apply), discrete_model,
-                         steps, diffusion_steps, cfg, temperature, num_images, data, seed (+ anything
-                         else the harness resolves); a key of ADDED_KEYS that a record predates reads
-                         as the value it implies (a fusion knob: null, the preset's value unrecorded)
+                         every d2c.sampling.SamplerConfig field (steps, diffusion_steps per token, cfg,
+                         temperature, stage1_top_k, ...: null where the family does not run it),
+                         num_images, data, seed (+ anything else the harness resolves); a key of
+                         ADDED_KEYS that a record predates reads as the value it implies (a fusion
+                         knob: null, the preset's value unrecorded)
     metrics       dict   fid, is_mean, is_std, kid_mean, kid_std, precision, recall, class_accuracy
                          (floats; absent when not computed, e.g. for a failed run)
     speed         dict   d2c.metrics.speed_record: num_images, seconds_total, seconds_per_image,
                          images_per_second, stage1_seconds, stage2_seconds, decode_seconds,
-                         ar_steps, mar_steps, diffusion_steps, peak_memory_bytes, peak_memory_kind
+                         ar_steps, mar_steps, reverse_steps (the head's reverse steps summed over
+                         MAR's rounds; `diffusion_steps` in older records), peak_memory_bytes,
+                         peak_memory_kind
     train_seconds dict   seconds spent training each stage inside this run (empty when reused)
     hardware      dict   d2c.metrics.hardware_info (cpu_model, gpu_name, torch, triton, ...)
     versions      dict   python, torch, torchvision, triton, torch_fidelity, d2c
@@ -48,19 +52,21 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from d2c.checkpoint import atomic_write_text, json_default, pid_alive
+from d2c.files import atomic_write_text, json_default, pid_alive
+from d2c.sampling import SAMPLER_DEFAULTS, runs
 
 SCHEMA_VERSION = 1
-# config keys added after schema-1 records existed -> the value an older record implies: today's
-# sampler, or, for the head's keys, null where the family has no diffusion head (its MAR steps
-# are null).  The harness keeps them out of the cell id at these values, so an older record is
-# the same cell.
-ADDED_KEYS = {"mar_model": None, "head_sampler": "ddpm", "diffusion_steps_last": None, "precision": "fp32", "uncond_refresh": None,
-              "fusion.num_queries": None, "fusion.depth": None, "fusion.layers": None, "fusion.d_fuse": None,
-              "train_epochs": None, "train_batch_size": None, "tokenizer.kl": None, "tokenizer.vq": None,
-              "tokenizer.kl_preset": None, "tokenizer.vq_preset": None, "eval.inception": None,
-              "eval.reference": None, "init.gpt": None, "init.mar": None, "compile": False}
-HEAD_KEYS = ("head_sampler", "diffusion_steps_last", "uncond_refresh")
+# schema-1 records held these sampling keys from the start; every other SamplerConfig field was
+# added since
+FIRST_SAMPLER_KEYS = ("steps", "diffusion_steps", "cfg", "temperature")
+# config keys added after schema-1 records existed -> the value an older record implies: the
+# sampler's default (null where the record's family does not run the setting), the others below.
+# The harness keeps them out of the cell id at these values, so an older record is the same cell.
+ADDED_KEYS = {"mar_model": None, "fusion.num_queries": None, "fusion.depth": None, "fusion.layers": None,
+              "fusion.d_fuse": None, "train_epochs": None, "train_batch_size": None, "tokenizer.kl": None,
+              "tokenizer.vq": None, "tokenizer.kl_preset": None, "tokenizer.vq_preset": None,
+              "eval.inception": None, "eval.reference": None, "init.gpt": None, "init.mar": None,
+              **{k: v for k, v in SAMPLER_DEFAULTS.items() if k not in FIRST_SAMPLER_KEYS}}
 REQUIRED = ("schema", "cell_id", "status", "family", "config")
 STATUSES = ("ok", "failed")
 # one file-name component: no '/', no '\\', no leading '.' (so never '..', never a hidden temp name)
@@ -154,10 +160,16 @@ def check_record(rec, source: str = "record") -> dict:
     for k in ("config", "metrics", "speed"):
         if k in rec and rec[k] is not None and not isinstance(rec[k], dict):
             raise RecordError(f"{source}: {k} must be an object")
-    config = rec["config"]
+    config, speed = rec["config"], rec.get("speed")
     if isinstance(config, dict):
         for k, v in ADDED_KEYS.items():
-            config.setdefault(k, None if k in HEAD_KEYS and config.get("steps") is None else v)
+            config.setdefault(k, v)
+        model = {"llamagen": "llamagen", "mar": "mar"}.get(rec["family"], "d2c")
+        for k in SAMPLER_DEFAULTS:   # what the family does not run reads as null, as today's records
+            if not runs(k, model):
+                config[k] = None
+    if isinstance(speed, dict) and "diffusion_steps" in speed:   # the head's total before it had its own name
+        speed.setdefault("reverse_steps", speed.pop("diffusion_steps"))
     return rec
 
 

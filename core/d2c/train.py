@@ -35,11 +35,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import d2c
-from d2c.checkpoint import (atomic_write_text, checkpoint_dirs, clean_stale, load_checkpoint, load_into,
-                            load_state_dict_file, run_config_json, save_checkpoint)
+from d2c.registry import model_class
+from d2c.checkpoint import checkpoint_dirs, clean_stale, load_checkpoint, load_into, load_state_dict_file, run_config_json, save_checkpoint
+from d2c.files import atomic_write_text
 from d2c.config import TrainConfig, make_config, validate
 from d2c.data.batches import batch_indices
 from d2c.distributed import init_distributed
+from d2c.errors import NonFiniteLoss
 from d2c.models.gpt import next_token_loss
 from d2c.precision import autocast_for, bf16_supported
 from d2c.tokenizers.kl import DiagonalGaussian
@@ -48,11 +50,6 @@ CONV_STAGES = ("kl", "vq")   # the convolutional tokenizers
 PREEMPT_SIGNALS = (signal.SIGTERM,)   # SLURM sends SIGTERM on preemption / scancel, KillWait before SIGKILL
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLoss(FloatingPointError):
-    """Training hit a non-finite loss or gradient norm; the message is one line (step, folder),
-    and the folder's newest checkpoint is the state just before that step."""
 
 
 class Preempted(SystemExit):
@@ -315,7 +312,7 @@ def _build(config: TrainConfig, device):
     if config.grad_checkpointing and hasattr(model_config, "grad_checkpointing"):
         model_config = dataclasses.replace(model_config, grad_checkpointing=True)
     torch.manual_seed(config.seed)
-    model = d2c.model_class(config.stage)(model_config).to(device)
+    model = model_class(config.stage)(model_config).to(device)
     if config.stage in CONV_STAGES:
         model = model.to(memory_format=torch.channels_last)   # ~1.2x faster convs on CPU (measured)
     ema = EMA(model, config.ema_decay)
@@ -417,7 +414,7 @@ class _Log:
 def _store_latent_scale(out: Path, config: TrainConfig, model_config, ema: EMA, source, device):
     """Fit the KL latent scale so that scaled posterior samples have unit std (the rule behind
     LDM's / MAR's 0.2325 for KL-16) and record it in the run's config.json."""
-    kl = d2c.model_class("kl")(dataclasses.replace(model_config, scale=1.0)).to(device).eval()
+    kl = model_class("kl")(dataclasses.replace(model_config, scale=1.0)).to(device).eval()
     kl.load_state_dict(ema.shadow)
     g = torch.Generator().manual_seed(config.seed)
     zs = []

@@ -1,5 +1,5 @@
 """Triton kernels, each beside its plain-PyTorch reference and behind one dispatch function:
-attention.py (flash attention) and adaln_mlp.py (the diffusion head's fused AdaLN block).
+attention.py (the dispatch; its Triton flash attention in attention_triton.py) and adaln_mlp.py (the diffusion head's fused AdaLN block).
 
 Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests); the flag
 is read when `@triton.jit` runs, so it must be set before these modules are imported.

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from d2c.diffusion import SAMPLERS, STEP_COEFS, cfg_output, reverse_step
+from d2c.diffusion import SAMPLERS, STEP_COEFS, cfg_output, reverse_step, timestep_embedding
 from d2c.kernels import adaln_mlp
 from d2c.precision import accum_dtype
 
@@ -59,9 +59,8 @@ def _bucket(n: int, impl: str) -> int:
 
 
 def _time_embed(packed, t):
-    """TimestepEmbedder.forward from packed tensors (one row: all rows share t)."""
-    from d2c.models.diffloss import TimestepEmbedder
-    emb = TimestepEmbedder.timestep_embedding(t, packed.freq_dim).to(packed.te_w1.dtype)
+    """DiffLoss's TimestepEmbedder.forward from packed tensors (one row: all rows share t)."""
+    emb = timestep_embedding(t, packed.freq_dim).to(packed.te_w1.dtype)
     return F.linear(F.silu(F.linear(emb, packed.te_w1, packed.te_b1)), packed.te_w2, packed.te_b2)
 
 

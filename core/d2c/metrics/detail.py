@@ -80,7 +80,7 @@ def high_pass_energy(images_uint8, batch_size: int = 500) -> float:
 @functools.lru_cache(maxsize=4)
 def _reference_detail(num_reference: int, seed: int, cache_dir: str) -> tuple[torch.Tensor, float]:
     """RAPS and high-pass energy of the held-out real shapes, cached as JSON next to the features."""
-    from d2c.checkpoint import atomic_write_text
+    from d2c.files import atomic_write_text
     from d2c.data.shapes import make_shapes
     path = Path(cache_dir) / f"reference_detail-n{num_reference}-s{seed}-{_shapes_fingerprint(seed)}.json"
     try:

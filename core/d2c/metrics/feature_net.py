@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from d2c.checkpoint import stable_hash
+from d2c.files import stable_hash
 
 DEFAULT_CACHE_DIR = Path("outputs/cache")
 HELDOUT_SEED = 777                     # accuracy check of the feature net

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d2c.checkpoint import file_digest
+from d2c.files import file_digest
 from d2c.metrics.feature_net import (DEFAULT_CACHE_DIR, FeatureNetConfig, MetricsError, _check_images, _load_net_file,
                                      _shapes_fingerprint, _torch_threads, load_feature_net)
 
@@ -411,7 +411,7 @@ def save_reference_stats(images, path, *, mode: str = "embedded", weights_path=N
     from torch_fidelity.utils import resolve_feature_layer_for_metric
     layer = resolve_feature_layer_for_metric("fid", **kw)
     mu, sigma = feature_stats(_extract(_as_input(images), [layer], kw)[layer])
-    from d2c.checkpoint import atomic_write
+    from d2c.files import atomic_write
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))

@@ -8,6 +8,11 @@ import platform
 import torch
 
 
+# network evaluations of a sample: stage 1's decode steps, MAR's rounds, and the reverse diffusion
+# steps the head ran summed over the rounds (not the per-token `diffusion_steps` setting)
+NFE_KEYS = ("ar_steps", "mar_steps", "reverse_steps")
+
+
 def speed_record(result, num_images: int | None = None, device="cpu") -> dict:
     """Timing part of a result record from a d2c.sampling.SampleResult (one timed batch)."""
     n = int(num_images or result.images.shape[0])
@@ -16,7 +21,7 @@ def speed_record(result, num_images: int | None = None, device="cpu") -> dict:
     rec = {"num_images": n, "seconds_total": total, "seconds_per_image": total / max(n, 1),
            "images_per_second": n / total if total > 0 else math.inf}
     rec.update({f"{k}_seconds": float(t.get(k, 0.0)) for k in ("stage1", "stage2", "decode")})
-    rec.update({k: int(result.nfe.get(k, 0)) for k in ("ar_steps", "mar_steps", "diffusion_steps")})
+    rec.update({k: int(result.nfe.get(k, 0)) for k in NFE_KEYS})
     rec.update({f"{k}_dtype": v for k, v in result.dtypes.items()})   # what each stage ran in
     rec.update(peak_memory(device))
     return rec

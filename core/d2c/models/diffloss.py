@@ -10,13 +10,11 @@ graph paths run the same step from d2c.kernels.head_sampling.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from d2c.diffusion import SAMPLERS, GaussianDiffusion, cfg_output, create_diffusion
+from d2c.diffusion import SAMPLERS, GaussianDiffusion, cfg_output, create_diffusion, timestep_embedding
 from d2c.kernels import head_sampling
 from d2c.precision import accum_dtype
 
@@ -27,7 +25,8 @@ def modulate(x, shift, scale):
 
 
 class TimestepEmbedder(nn.Module):
-    """t -> [cos(t w_i), sin(t w_i)], w_i = 10000^(-i/half) (256 dims) -> Linear, SiLU, Linear."""
+    """t -> timestep_embedding (256 dims: [cos(t w_i), sin(t w_i)], w_i = 10000^(-i/half)) -> Linear,
+    SiLU, Linear."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
@@ -35,18 +34,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
-    @staticmethod
-    def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-        return emb
-
     def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
 
 
 class ResBlock(nn.Module):

@@ -82,17 +82,18 @@ class _DecodeGraph:
 
 
 @torch.inference_mode()
-def gpt_generate(model, labels, *, cfg: float = 1.0, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 cfg_schedule: str = "constant", compile: bool = False):
-    """Sample codes (B, block_size) in raster order for class `labels` (B,) with stage-1 GPT.
+def gpt_generate(model, labels, sampler, *, generator: torch.Generator | None = None,
+                 cfg_schedule: str = "constant"):
+    """Sample codes (B, block_size) in raster order for class `labels` (B,) with stage-1 GPT,
+    at the stage-1 settings of `sampler` (a d2c.sampling.SamplerConfig): guidance scale
+    (stage1_cfg, else cfg), temperature, top-k, top-p, compile.
 
-    CFG runs one [cond; uncond] batch (uncond = null class) and mixes u + s * (c - u); at
-    cfg == 1 the uncond half is skipped.  cfg_schedule "linear" ramps s from 1 towards
-    cfg with the fraction of codes generated after the step (as MAR's linear schedule).
+    CFG runs one [cond; uncond] batch (uncond = null class) and mixes u + s * (c - u); at a
+    scale of 1 the uncond half is skipped.  cfg_schedule "linear" ramps s from 1 towards the
+    scale with the fraction of codes generated after the step (as MAR's linear schedule).
     All randomness comes from `generator` (on the model's device): one uniform per code and row,
     drawn up front, picks each code by inverse CDF.  Returns (codes, nfe).
-    compile=True: after the eager prefill, every decode step is `_static_step` over a
+    sampler.compile: after the eager prefill, every decode step is `_static_step` over a
     full-length KV cache (positions masked), replayed as one CUDA graph on CUDA, under
     torch.compile elsewhere; the same codes as the eager loop for a seed.
     """
@@ -100,9 +101,9 @@ def gpt_generate(model, labels, *, cfg: float = 1.0, temperature: float = 1.0,
     device = next(model.parameters()).device
     if cfg_schedule not in GPT_CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule={cfg_schedule!r}; allowed: {', '.join(GPT_CFG_SCHEDULES)}")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature={temperature}, top_k={top_k}, top_p={top_p}; allowed: "
-                         f"temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+    sampler.check(stage1=True)
+    cfg, temperature, top_k, top_p = (sampler.stage1_guidance, sampler.stage1_temperature,
+                                      sampler.stage1_top_k, sampler.stage1_top_p)
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device}, the model on {device}; they must match")
     labels = torch.as_tensor(labels, device=device).reshape(-1)
@@ -127,7 +128,7 @@ def gpt_generate(model, labels, *, cfg: float = 1.0, temperature: float = 1.0,
 
     try:
         codes[:, 0] = pick(model.prefill(batch), 0)
-        if not compile:
+        if not sampler.compile:
             for t in range(1, n):
                 prev = codes[:, t - 1:t]
                 codes[:, t] = pick(model.decode(torch.cat([prev, prev]) if guided else prev, t), t)

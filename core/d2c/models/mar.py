@@ -246,23 +246,23 @@ class MAR(nn.Module):
 
     # -------------------------------------------------------------- sampling
     @torch.inference_mode()
-    def sample_tokens(self, labels, *, steps: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
-                      temperature: float = 1.0, codes=None, generator=None, diffusion_steps=None,
-                      diffusion_steps_last: int | None = None, head_sampler: str = "ddpm",
-                      uncond_refresh: int | None = None, progress: bool = False, compile: bool = False):
-        """MAR's sampler (Li et al. 2024, sec. 3.4): `steps` rounds; each round runs the MAE
-        encoder/decoder on the tokens known so far and samples, with the diffusion head, the tokens
-        whose turn has come in a random order per sample.  The masked count after round k follows
-        MaskGIT's cosine schedule floor(L cos(pi/2 (k+1)/steps)), clamped to [1, masked - 1]; the
-        last round predicts every remaining token.  CFG (cfg != 1): a [cond; uncond] batch, the
-        unconditional half with the null class and null codes, guidance scale linear in the revealed
-        fraction, 1 + (cfg - 1)(L - masked_next)/L ("linear"), or `cfg` throughout ("constant").
+    def sample_tokens(self, labels, sampler, *, codes=None, generator=None, progress: bool = False):
+        """MAR's sampler (Li et al. 2024, sec. 3.4) at the stage-2 settings of `sampler` (a
+        d2c.sampling.SamplerConfig): `steps` rounds; each round runs the MAE encoder/decoder on
+        the tokens known so far and samples, with the diffusion head, the tokens whose turn has
+        come in a random order per sample.  The masked count after round k follows MaskGIT's
+        cosine schedule floor(L cos(pi/2 (k+1)/steps)), clamped to [1, masked - 1]; the last round
+        predicts every remaining token.  CFG (cfg != 1): a [cond; uncond] batch, the
+        unconditional half with the null class and null codes, guidance scale linear in the
+        revealed fraction, 1 + (cfg - 1)(L - masked_next)/L (cfg_schedule "linear"), or `cfg`
+        throughout ("constant").  temperature: the head's (MAR's tau).
 
         labels (B,) long; codes (B, seq_len) stage-1 codes (required by fusion models).  All
         randomness comes from `generator` (on the model's device), so a seed reproduces the output.
-        Returns (latents (B, C, h, w), {"mar_steps", "diffusion_steps"}): diffusion_steps counts
-        every reverse step run by the head (one batched head call per step).  head_sampler: the
-        head's reverse process, ddpm (MAR's) or ddim (eta 0), see DiffLoss.sample.
+        Returns (latents (B, C, h, w), {"mar_steps", "reverse_steps"}): reverse_steps counts every
+        reverse step run by the head over all rounds (one batched head call per step).
+        diffusion_steps: the head's respaced steps per token (None: the preset's).
+        head_sampler: the head's reverse process, ddpm (MAR's) or ddim (eta 0), see DiffLoss.sample.
         diffusion_steps_last: the head's step count falls linearly over the rounds, from
         `diffusion_steps` in the first to this in the last (DiSA, arXiv 2505.20297: later tokens
         have sharper conditionals and need fewer steps); None: the same count every round.
@@ -272,24 +272,20 @@ class MAR(nn.Module):
         between run the conditional half alone and take z_uncond = z_cond + (z_uncond - z_cond) of
         the last full round.  1 runs both halves every round, as None does.  The difference shrinks
         as tokens become known, so a long period also guides harder (README, "Sampling faster").
-        compile=True: the encoder/decoder under torch.compile (dynamic shapes) and the diffusion
+        compile: the encoder/decoder under torch.compile (dynamic shapes) and the diffusion
         head's fused step compiled (CPU) or captured as a CUDA graph (GPU); same seed, same tokens
         up to float reassociation.
         """
-        if steps < 1:
-            raise ValueError(f"steps={steps}; allowed: integers >= 1")
-        if cfg_schedule not in ("linear", "constant"):
-            raise ValueError(f"cfg_schedule={cfg_schedule!r}; allowed: linear, constant")
+        sampler.check(stage2=True)
+        steps, cfg, temperature, compile = sampler.steps, sampler.cfg, sampler.temperature, sampler.compile
+        uncond_refresh, diffusion_steps_last = sampler.uncond_refresh, sampler.diffusion_steps_last
         device = self.mask_token.device
         labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
         b, L, c = labels.shape[0], self.seq_len, self.token_embed_dim
         if codes is not None:
             codes = torch.as_tensor(codes, device=device).reshape(b, -1)
         guided = cfg != 1.0
-        diffusion_steps = int(diffusion_steps or self.diffloss.diffusion_steps)
-        for k, v in (("diffusion_steps_last", diffusion_steps_last), ("uncond_refresh", uncond_refresh)):
-            if v is not None and v < 1:
-                raise ValueError(f"{k}={v}; allowed: integers >= 1 or None")
+        diffusion_steps = int(sampler.diffusion_steps or self.diffloss.diffusion_steps)
 
         tokens = torch.zeros(b, L, c, device=device)
         mask = torch.ones(b, L, dtype=torch.bool, device=device)
@@ -335,7 +331,7 @@ class MAR(nn.Module):
             else:
                 mask_next = torch.zeros_like(mask).scatter(1, orders[:, :n_next], True)
                 to_pred = mask & ~mask_next
-            scale = 1 + (cfg - 1) * (L - n_next) / L if cfg_schedule == "linear" else cfg
+            scale = 1 + (cfg - 1) * (L - n_next) / L if sampler.cfg_schedule == "linear" else cfg
 
             n_diff = diffusion_steps if diffusion_steps_last is None or steps == 1 else \
                 round(diffusion_steps + (diffusion_steps_last - diffusion_steps) * step / (steps - 1))
@@ -345,9 +341,9 @@ class MAR(nn.Module):
                 zz = torch.cat([zc, z[b:][to_pred]]) if guided else zc
                 x = self.diffloss.sample(zz, temperature, scale, generator=generator,
                                           diffusion_steps=n_diff, guided=guided, impl=head_impl,
-                                          sampler=head_sampler)
+                                          sampler=sampler.head_sampler)
                 tokens[to_pred] = x[:zc.shape[0]].to(tokens.dtype)
                 reverse_steps += n_diff
             mask = mask_next
             n_masked = 0 if step == steps - 1 else n_next
-        return self.unpatchify(tokens), {"mar_steps": steps, "diffusion_steps": reverse_steps}
+        return self.unpatchify(tokens), {"mar_steps": steps, "reverse_steps": reverse_steps}
