@@ -14,9 +14,9 @@ def _gen(m, labels, generator=None, cfg_schedule="constant", compile=False, cfg=
          top_p=1.0):
     """gpt_generate at stage-1 settings given by name (the SamplerConfig's stage1_* fields)."""
     from d2c.sampling import SamplerConfig
-    sampler = SamplerConfig(cfg=cfg, stage1_temperature=temperature, stage1_top_k=top_k, stage1_top_p=top_p,
-                            compile=compile)
-    return gpt_generate(m, labels, sampler, generator=generator, cfg_schedule=cfg_schedule)
+    sampler = SamplerConfig(cfg=cfg, stage1_cfg_schedule=cfg_schedule, stage1_temperature=temperature,
+                            stage1_top_k=top_k, stage1_top_p=top_p, compile=compile)
+    return gpt_generate(m, labels, sampler, generator=generator)
 
 def tiny(dtype=torch.float32, head_std=0.5):
     """gpt_tiny in eval mode with a random (not zero) head so that logits carry information."""

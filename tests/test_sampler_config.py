@@ -20,9 +20,11 @@ TINY = ["recipe=tiny", "data=shapes_tiny", "num_images=20", "batch_size=10"]
 # a second valid value of every setting (the first is its default); a new field must join here
 OTHER = {"steps": 4, "cfg": 1.5, "cfg_schedule": "constant", "temperature": 0.5, "diffusion_steps": 5,
          "diffusion_steps_last": 2, "head_sampler": "ddim", "uncond_refresh": 2, "stage1_cfg": 1.5,
+         "stage1_cfg_schedule": "linear",
          "stage1_temperature": 0.5, "stage1_top_k": 10, "stage1_top_p": 0.9, "precision": "bf16", "compile": True}
 BAD = {"steps": 0, "cfg": -1, "cfg_schedule": "cosine", "temperature": 0, "diffusion_steps": 0,
        "diffusion_steps_last": -2, "head_sampler": "euler", "uncond_refresh": 0, "stage1_cfg": -0.5,
+       "stage1_cfg_schedule": "cosine",
        "stage1_temperature": -1, "stage1_top_k": -3, "stage1_top_p": 1.5, "precision": "fp8", "compile": 1}
 
 

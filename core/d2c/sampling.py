@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from d2c.config import MODELS, Family
-from d2c.models.generate import gpt_generate
+from d2c.models.generate import GPT_CFG_SCHEDULES, gpt_generate
 from d2c.precision import DTYPE_NAMES, SAMPLING_PRECISIONS, autocast_for, sampling_dtype
 from d2c.rules import boolean, int_min, number, one_of, or_null
 
@@ -62,6 +62,9 @@ class SamplerConfig:
     # stage 1: LlamaGen's sampler
     stage1_cfg: Optional[float] = _setting(None, STAGE1, or_null(number(lambda v: v >= 0)),
                                            "numbers >= 0 or null", "stage 1's guidance scale (null: cfg)")
+    stage1_cfg_schedule: Optional[str] = _setting(
+        "constant", STAGE1, one_of(GPT_CFG_SCHEDULES), ", ".join(GPT_CFG_SCHEDULES),
+        "stage 1's guidance: constant (LlamaGen's) or linear in the generated fraction")
     stage1_temperature: Optional[float] = _setting(1.0, STAGE1, number(lambda v: v >= 0),
                                                    "numbers >= 0 (0: greedy)", "stage 1's temperature")
     stage1_top_k: Optional[int] = _setting(0, STAGE1, int_min(0), "integers >= 0 (0: off)",

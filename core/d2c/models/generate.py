@@ -82,14 +82,13 @@ class _DecodeGraph:
 
 
 @torch.inference_mode()
-def gpt_generate(model, labels, sampler, *, generator: torch.Generator | None = None,
-                 cfg_schedule: str = "constant"):
+def gpt_generate(model, labels, sampler, *, generator: torch.Generator | None = None):
     """Sample codes (B, block_size) in raster order for class `labels` (B,) with stage-1 GPT,
     at the stage-1 settings of `sampler` (a d2c.sampling.SamplerConfig): guidance scale
-    (stage1_cfg, else cfg), temperature, top-k, top-p, compile.
+    (stage1_cfg, else cfg) and its schedule, temperature, top-k, top-p, compile.
 
     CFG runs one [cond; uncond] batch (uncond = null class) and mixes u + s * (c - u); at a
-    scale of 1 the uncond half is skipped.  cfg_schedule "linear" ramps s from 1 towards the
+    scale of 1 the uncond half is skipped.  stage1_cfg_schedule "linear" ramps s from 1 towards the
     scale with the fraction of codes generated after the step (as MAR's linear schedule).
     All randomness comes from `generator` (on the model's device): one uniform per code and row,
     drawn up front, picks each code by inverse CDF.  Returns (codes, nfe).
@@ -99,8 +98,6 @@ def gpt_generate(model, labels, sampler, *, generator: torch.Generator | None = 
     """
     config = model.config
     device = next(model.parameters()).device
-    if cfg_schedule not in GPT_CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule={cfg_schedule!r}; allowed: {', '.join(GPT_CFG_SCHEDULES)}")
     sampler.check(stage1=True)
     cfg, temperature, top_k, top_p = (sampler.stage1_guidance, sampler.stage1_temperature,
                                       sampler.stage1_top_k, sampler.stage1_top_p)
@@ -115,7 +112,8 @@ def gpt_generate(model, labels, sampler, *, generator: torch.Generator | None = 
     u = torch.rand(n, b, generator=generator, device=device) if temperature > 0 else None
     # guidance scale of code t: constant, or 1 + (cfg - 1)(t + 1)/n ("linear")
     t_frac = (torch.arange(n, device=device, dtype=torch.float32) + 1) / n
-    scales = torch.full((n,), float(cfg), device=device) if cfg_schedule == "constant" else 1 + (cfg - 1) * t_frac
+    scales = torch.full((n,), float(cfg), device=device) if sampler.stage1_cfg_schedule == "constant" \
+        else 1 + (cfg - 1) * t_frac
 
     was_training = model.training
     model.eval()
