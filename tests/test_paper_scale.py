@@ -119,11 +119,16 @@ def test_paper_scale_cell_end_to_end(tmp_path, paper_files):
     assert steps == {6}                       # 12 readable images, batch 4: 3 steps an epoch
     print(f"paper-scale e2e cell: {wall:.0f} s")
 
-    # the public MAR file sampled as it is (train_epochs=0): nothing trains, the cache is reused
+    # the public MAR file sampled as it is (train_epochs=0), in a fresh results folder: nothing
+    # trains and no token cache is built (the dataset is never encoded)
+    rd = tmp_path / "public"
+    t0 = time.perf_counter()
     p = run(["model=mar", "steps=4", "num_images=10", "batch_size=10", "train_epochs=0",
              f"init.mar={d / 'checkpoint-last.pth'}", f"init.gpt={d / 'c2i_B_256.pt'}", *args], rd, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert trained(p.stdout) == [], p.stdout[-2000:]
+    assert not list((rd / "cache").glob("tokens-*")) and not (rd / "ckpt").exists()
+    print(f"public MAR cell, no cache: {time.perf_counter() - t0:.0f} s")
     (mar,) = [r for r in records(rd) if r["family"] == "mar"]
     assert mar["status"] == "ok" and mar["config"]["init.gpt"] is None     # not applicable to MAR
     assert mar["config"]["init.mar"].endswith("checkpoint-last.pth") and "fid" in mar["metrics"]

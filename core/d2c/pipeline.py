@@ -133,9 +133,15 @@ class Pipeline:
         return self._cache
 
     def _upstream(self):
-        cache = self.cache()
-        for k in self.recipe.pretrained:   # named by their weights' fingerprint, which the cache key holds
-            self._ids[k] = f"{k}-pretrained-{cache.meta['key_parts'][k][:12]}"
+        """What names the tokenizers in their dependants' keys: a trained one's folder, a public
+        file's weight fingerprint (the one the token cache's key holds).  Builds no cache: a
+        cell whose stages exist, or that trains nothing, never encodes the dataset."""
+        from d2c.data.cache import tokenizer_fingerprint
+        for k in self.recipe.pretrained:
+            self._ids[k] = f"{k}-pretrained-{tokenizer_fingerprint(self.tokenizer(k))[:12]}"
+        for k in ("kl", "vq"):
+            if k in self.recipe.stages and k not in self.recipe.pretrained:
+                self._tokenizer_dir(k)
         return tuple(self._ids[k] for k in ("kl", "vq") if k in self._ids)
 
     def _public(self, config: TrainConfig, path):
@@ -156,13 +162,13 @@ class Pipeline:
         zero-init, so a D2C model starts as the trunk): all families see the same number of
         steps, and the trunk is paid once instead of three times."""
         config = mar_config(self.recipe, family)
+        if "mar" in self.recipe.init and config.train_epochs == 0:   # the public MAR as it is
+            return self._public(config, self.recipe.init["mar"])
         scale = self.tokenizer("kl").config.scale
         upstream, init = self._upstream(), None
-        if "mar" in self.recipe.init:       # a public MAR starts stage 2 (or is it, at 0 epochs)
+        if "mar" in self.recipe.init:       # a public MAR starts stage 2
             from d2c.files import file_digest
             init = Path(self.recipe.init["mar"])
-            if config.train_epochs == 0:
-                return self._public(config, init)
             upstream = (*upstream, f"init-{file_digest(init)}")
         elif "mar_trunk" in self.recipe.stages:
             trunk = mar_config(self.recipe, Family("mar"), stage="mar_trunk")
