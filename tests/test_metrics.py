@@ -178,25 +178,29 @@ def test_feature_net_cache(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- statistics helpers
-def test_frechet_distance_closed_forms():
+def test_fid_vs_statistics_closed_forms():
+    """The one FID (torch-fidelity's formula, reached through our float64 statistics) against the
+    closed form sum (mu1 - mu2)^2 + sum (sqrt a - sqrt b)^2 of two Gaussians with diagonal
+    covariances, from features drawn to have exactly those moments."""
     rng = np.random.default_rng(0)
-    d = 64
+    d, n = 16, 4000
+    def features(mu, var):                 # n points whose sample mean is mu, sample covariance diag(var)
+        z = rng.normal(size=(n, d))
+        z -= z.mean(0)
+        w, v = np.linalg.eigh(np.cov(z, rowvar=False))
+        z = z @ v @ np.diag(w ** -0.5) @ v.T          # whitened: sample covariance I
+        return torch.from_numpy(z * np.sqrt(var) + mu)
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
     want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert M.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-10)
-    q, _ = np.linalg.qr(rng.normal(size=(d, d)))  # a common rotation leaves FID unchanged
-    got = M.frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
-    assert got == pytest.approx(want, rel=1e-8)
-    # general covariances: torch-fidelity's own (eigvals-based) formula agrees
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
-    x, y = rng.normal(size=(200, d)), rng.normal(size=(300, d)) @ rng.normal(size=(d, d)) * 0.3
-    (m1, s1), (m2, s2) = M.feature_stats(torch.from_numpy(x)), M.feature_stats(torch.from_numpy(y))
-    ref = fid_statistics_to_metric({"mu": m1, "sigma": s1}, {"mu": m2, "sigma": s2}, False)
-    assert M.frechet_distance(m1, s1, m2, s2) == pytest.approx(ref["frechet_inception_distance"], rel=1e-6)
-    # rank-deficient (N < D, as with few samples): self-distance still ~0
-    m, s = M.feature_stats(torch.from_numpy(rng.normal(size=(20, d))))
-    assert abs(M.frechet_distance(m, s, m, s)) < 1e-6 * np.trace(s)  # sqrt of round-off in the null space
+    assert M.fid_vs_statistics(features(mu1, a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-8)
+    stats = M.feature_stats(features(mu1, a).float())  # float32 features (the extractors'): float64 stats
+    assert stats["mu"].dtype == stats["sigma"].dtype == np.float64
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))       # a common rotation leaves FID unchanged
+    got = M.fid_vs_statistics(features(mu1, a) @ torch.from_numpy(q.T), q @ mu2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(want, rel=1e-6)
+    x = features(mu1, a)
+    assert abs(M.fid_vs_statistics(x, x.mean(0).numpy(), np.cov(x.numpy(), rowvar=False))) < 1e-8
 
 
 def _brute_pr(fake, real, k):
@@ -329,11 +333,12 @@ def test_bad_embedded_inputs(net, sets, cache, tmp_path):
 def test_speed_record_and_hardware():
     res = SampleResult(images=torch.zeros(4, 3, 32, 32, dtype=torch.uint8), codes=None, latents=None,
                        timings={"stage2": 3.0, "decode": 1.0, "total": 4.0},
-                       nfe={"mar_steps": 4, "diffusion_steps": 80})
+                       nfe={"mar_steps": 4, "reverse_steps": 80})
     rec = M.speed_record(res, device="cpu")
     assert rec["seconds_per_image"] == 1.0 and rec["images_per_second"] == 1.0 and rec["num_images"] == 4
     assert (rec["stage1_seconds"], rec["stage2_seconds"], rec["decode_seconds"]) == (0.0, 3.0, 1.0)
-    assert (rec["ar_steps"], rec["mar_steps"], rec["diffusion_steps"]) == (0, 4, 80)
+    assert (rec["ar_steps"], rec["mar_steps"], rec["reverse_steps"]) == (0, 4, 80)
+    assert "diffusion_steps" not in rec      # the per-token setting's name is not the total's
     assert rec["peak_memory_bytes"] > 10 * 2 ** 20 and "rss" in rec["peak_memory_kind"]
     assert M.speed_record(res, num_images=8)["seconds_per_image"] == 0.5
     hw = M.hardware_info()
