@@ -195,18 +195,17 @@ def speed_summary(out: Path, num_batches: int) -> dict:
     return rec
 
 
-def load_npz_images(path) -> np.ndarray:
-    """arr_0 of an ADM-format sample file, checked: uint8 (N, H, W, 3)."""
+def load_npz_images(path) -> "NpzRows":
+    """arr_0 of an ADM-format sample file, checked (uint8 (N, H, W, 3)), as rows read on demand:
+    50,000 images at 256 px are 9.8 GB, so neither the metrics nor the grid hold them whole."""
+    from d2c.files import NpzRows
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"sample file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "arr_0" not in z.files:
-                raise EvalError(f"{path}: no arr_0 (ADM's sample files hold the images as arr_0)")
-            arr = z["arr_0"]
-    except EvalError:
-        raise
+        arr = NpzRows(path, "arr_0")
+    except KeyError:
+        raise EvalError(f"{path}: no arr_0 (ADM's sample files hold the images as arr_0)") from None
     except Exception as e:
         raise EvalError(f"{path}: not a readable .npz ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
@@ -217,7 +216,7 @@ def load_npz_images(path) -> np.ndarray:
 def evaluate_npz(path, *, inception, reference, device="cpu", batch_size: int = 64) -> dict:
     """FID / IS (10 splits) / KID / precision-recall of an ADM-format sample file under
     torch-fidelity's Inception (a local file) against ADM's reference batch (its mu / sigma for
-    FID, its arr_0 images for KID and precision / recall)."""
+    FID, its arr_0 images for KID and precision / recall), reading both files a batch at a time."""
     from d2c.metrics import compute_metrics
     from d2c.metrics.fidelity import _Uint8Images
     images = load_npz_images(path)

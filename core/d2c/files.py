@@ -105,3 +105,75 @@ def pid_alive(pid: int) -> bool:
     except (PermissionError, OverflowError, ValueError):
         return True   # someone else's process (or not a pid): assume alive
     return True
+
+
+class NpzRows:
+    """One array of an .npz read a few rows at a time, never whole: `rows[i]`, `rows[a:b]`, len,
+    shape, dtype.  A stored member (np.savez, ADM's sample and reference files) is read in place
+    with os.pread, so nothing but the rows asked for enters the process (a memory map would keep
+    every page it touched resident); a compressed member is first unpacked, streaming, to an
+    unlinked temporary file.  Object arrays are refused (nothing is unpickled)."""
+
+    def __init__(self, path, key: str):
+        import struct
+        import tempfile
+        import zipfile
+
+        import numpy as np
+        self.path = Path(path)
+        with zipfile.ZipFile(self.path) as zf:
+            info = zf.getinfo(f"{key}.npy")          # KeyError when the member is missing
+            with zf.open(info) as member:
+                header = self._header(member)
+                if info.compress_type == zipfile.ZIP_STORED:
+                    with open(self.path, "rb") as raw:   # the member's data follow its local header
+                        raw.seek(info.header_offset)
+                        name_len, extra_len = struct.unpack("<HH", raw.read(30)[26:30])
+                    self._offset = info.header_offset + 30 + name_len + extra_len + header
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                else:
+                    with tempfile.TemporaryFile() as tmp:
+                        import shutil
+                        shutil.copyfileobj(member, tmp, 1 << 24)
+                        self._fd, self._offset = os.dup(tmp.fileno()), 0
+        self._row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def _header(self, f) -> int:
+        import numpy as np
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        self.shape, fortran, self.dtype = read(f)
+        if self.dtype.hasobject or fortran or not self.shape:
+            raise ValueError(f"{self.path}: a {'Fortran-order ' if fortran else ''}{self.dtype} array of shape "
+                             f"{self.shape}; need a C-order numeric array with rows")
+        return f.tell()
+
+    def __len__(self):
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, i):
+        import numpy as np
+        if isinstance(i, (int, np.integer)):
+            j = int(i) + (len(self) if i < 0 else 0)
+            if not 0 <= j < len(self):
+                raise IndexError(f"row {i} of {len(self)}")
+            return self[j:j + 1][0]
+        start, stop, step = i.indices(len(self))
+        if step != 1:
+            raise IndexError("NpzRows reads contiguous rows only")
+        n = max(0, stop - start)
+        buf = os.pread(self._fd, n * self._row, self._offset + start * self._row)
+        if len(buf) != n * self._row:
+            raise ValueError(f"{self.path}: truncated (rows {start}..{stop} past the end of the file)")
+        return np.frombuffer(bytearray(buf), dtype=self.dtype).reshape(n, *self.shape[1:])
+
+    def close(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    __del__ = close

@@ -1,4 +1,4 @@
-"""FID, IS, KID and precision/recall through stock torch-fidelity (DESIGN.md sections 5, 6).
+"""FID, IS, KID and precision/recall through stock torch-fidelity (docs/design.md sections 5, 6).
 
 Two modes pick the feature extractor:
   embedded  the feature net of d2c.metrics.feature_net, registered as "d2c-shapes-net";
@@ -8,7 +8,7 @@ Two modes pick the feature extractor:
 The reference decides the route: images -> one feature pass per input through torch-fidelity's
 extraction, then its IS/FID/KID/PRC functions (what `calculate_metrics` does, without its
 pickled cache); a statistics .npz -> one feature pass of our images, then the same IS/KID/PRC
-functions and a float64 Frechet distance against the stats.
+functions and torch-fidelity's Frechet distance against the stats, in float64.
 Nothing here downloads: every extractor gets its weights from a path we checked first.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d2c.files import file_digest
+from d2c.files import NpzRows, file_digest
 from d2c.metrics.feature_net import (DEFAULT_CACHE_DIR, FeatureNetConfig, MetricsError, _check_images, _load_net_file,
                                      _shapes_fingerprint, _torch_threads, load_feature_net)
 
@@ -93,24 +93,19 @@ def _register_embedded_extractor():
 
 
 # ============================================================================ statistics
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) in float64.  tr (S1 S2)^1/2 is taken as the sum of
-    sqrt eigenvalues of the symmetric PSD matrix S1^1/2 S2 S1^1/2 (eigh, negatives from round-off
-    clipped): no complex parts to drop, unlike sqrtm / eig of the non-symmetric product."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    w, v = np.linalg.eigh((s1 + s1.T) / 2)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root1 @ s2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    d = mu1 - mu2
-    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+def feature_stats(features) -> dict:
+    """torch-fidelity's FID statistics {mu (D,), sigma (D, D)} of (N, D) features, in float64 (the
+    dtype of ADM's reference files, which torch-fidelity's distance requires both sides to share)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+    return fid_features_to_statistics(torch.as_tensor(features).detach().cpu().double())
 
 
-def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
-    """mu (D,) and unbiased covariance (D, D) of (N, D) features, float64."""
-    f = torch.as_tensor(features).double().cpu().numpy()
-    return f.mean(0), np.cov(f, rowvar=False)
+def fid_vs_statistics(features, mu, sigma) -> float:
+    """FID of (N, D) features against reference statistics, by torch-fidelity's formula: the one FID
+    of this repository, whichever route the reference takes."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+    ref = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
+    return fid_statistics_to_metric(feature_stats(features), ref, False)[KEY_METRIC_FID]
 
 
 def precision_recall(fake, real, k: int = 3) -> tuple[float, float]:
@@ -193,7 +188,8 @@ def _load_stats(path, dim: int | None, images: bool = True):
             raise MetricsError(f"reference statistics {path}: wrong keys {sorted(keys)[:6]}, need 'mu' and "
                                f"'sigma'; {ADM_HOWTO}")
         mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
-        ref = npz["arr_0"] if images and "arr_0" in keys else None  # ADM: (N, H, W, 3) uint8 images
+        # ADM: (N, H, W, 3) uint8 images, 2 GB at 10k: read a batch at a time
+        ref = NpzRows(path, "arr_0") if images and "arr_0" in keys else None
     except MetricsError:
         raise
     except Exception as e:  # truncated zip, garbage, pickled objects
@@ -383,7 +379,7 @@ def _metrics_vs_stats(input1, stats, isc, fid, kid, prc, kw, kid_subset_size, n1
         if feats.shape[1] != mu_ref.shape[0]:
             raise MetricsError(f"reference statistics {reference}: {mu_ref.shape[0]}-d but the extractor gives "
                                f"{feats.shape[1]}-d features; {ADM_HOWTO}")
-        out["frechet_inception_distance"] = frechet_distance(*feature_stats(feats), mu_ref, sigma_ref)
+        out["frechet_inception_distance"] = fid_vs_statistics(feats, mu_ref, sigma_ref)
     if kid or prc:
         f2 = _extract(_Uint8Images(ref_images, nhwc=True), [layer["kid"], layer["prc"]], kw)
         if kid:
@@ -410,9 +406,9 @@ def save_reference_stats(images, path, *, mode: str = "embedded", weights_path=N
               datasets_download=False)
     from torch_fidelity.utils import resolve_feature_layer_for_metric
     layer = resolve_feature_layer_for_metric("fid", **kw)
-    mu, sigma = feature_stats(_extract(_as_input(images), [layer], kw)[layer])
+    stats = feature_stats(_extract(_as_input(images), [layer], kw)[layer])
     from d2c.files import atomic_write
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+    atomic_write(path, lambda f: np.savez(f, **stats))
     return path
