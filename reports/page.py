@@ -183,14 +183,15 @@ MEASURED_IMAGENET = ("family", "discrete_model", "mar_model", "steps", "diffusio
 
 def published_md(path: Path, c: pd.DataFrame | None = None) -> list[str]:
     out = ["## Published numbers (papers and repositories; NOT measured by this harness)", "",
-           "ImageNet 256x256 numbers as stated by the sources below (reference facts recorded in the team's "
-           f"DESIGN.md section 3). Kept apart from every measured row above. Data: `{path.name}`.", ""]
+           "ImageNet 256x256 numbers as stated by the sources below (each row names its paper and the public "
+           "repository file; the repository's docs/design.md section 3 lists them). Kept apart from every "
+           f"measured row above. Data: `{path.name}`.", ""]
     pub, err = load_published(path)
     if pub is None:
         out += [f"_{err}_", ""]
     else:
         out += [md_table(pub.replace("", None)),
-                "D2C (arXiv 2503.17155): no numbers are recorded in DESIGN.md, so none are listed.", ""]
+                "D2C (arXiv 2503.17155): no numbers are listed (only the paper's abstract could be checked).", ""]
     im = c[c["setting"] == "imagenet"] if c is not None and not c.empty else None
     if im is not None and not im.empty:
         cols = [k for k in MEASURED_IMAGENET if k in im]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real one-node SLURM on localhost for the tests (DESIGN.md section 5).
+# A real one-node SLURM on localhost for the tests (docs/design.md section 5).
 #   slurm/local_cluster.sh start    install (apt) if missing, start munged/slurmctld/slurmd, wait until idle
 #   slurm/local_cluster.sh stop     stop ONLY the daemons this script started (pids in the state dir)
 #   slurm/local_cluster.sh status   exit 0 if the partition answers and the node is usable

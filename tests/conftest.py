@@ -15,7 +15,7 @@ import torch  # noqa: E402
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"torchinductor_d2c_tests_{torch.backends.cpu.get_cpu_capability().lower()}"))
 
-# Never more torch threads than cores (DESIGN.md section 6: oversubscription is 3-10x slower).
+# Never more torch threads than cores (docs/design.md section 6: oversubscription is 3-10x slower).
 # D2C_TEST_THREADS sets another count: float reductions split differently across threads, and
 # the suite must hold for any count (`make test-numerics` runs it with 1).
 torch.set_num_threads(int(os.environ.get("D2C_TEST_THREADS") or max(1, min(2, os.cpu_count() or 1))))

@@ -11,7 +11,7 @@ from d2c.checkpoint import CheckpointError
 from d2c.tokenizers.vq import VQModel
 
 # Facts from the public reference code (FoundationVision/LlamaGen tokenizer/tokenizer_image/
-# vq_model.py; LTH14/mar models/vae.py), and the counts in DESIGN.md section 3.
+# vq_model.py; LTH14/mar models/vae.py), and the counts in docs/design.md section 3.
 VQ16_PARAMS = 71_883_403
 KL16_PARAMS = 66_456_019
 VQ16_KEYS = {

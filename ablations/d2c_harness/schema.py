@@ -66,7 +66,7 @@ class TokenizerFiles:
 
 @dataclass
 class EvalFiles:
-    """recipe=imagenet: the ADM protocol's files (DESIGN.md section 3), from local paths."""
+    """recipe=imagenet: the ADM protocol's files (docs/design.md section 3), from local paths."""
     inception: Optional[str] = None          # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
     reference: Optional[str] = None          # ADM's VIRTUAL_imagenet256_labeled.npz (mu, sigma, arr_0)
 

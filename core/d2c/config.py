@@ -2,7 +2,7 @@
 
 Field names follow the public code (LlamaGen `ModelArgs`, MAR `MAR.__init__`, LDM
 `ddconfig`) so that a reader can hold our presets against theirs.  Published presets
-reproduce the exact parameter counts in DESIGN.md section 3; the `*_tiny` presets are
+reproduce the exact parameter counts in docs/design.md section 3; the `*_tiny` presets are
 for tests and CPU laptops (32x32 images, 8x8 token grids).
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ class GPTConfig:
 
 @dataclass
 class FusionConfig:
-    """How stage 2 sees the discrete tokens (DESIGN.md section 4)."""
+    """How stage 2 sees the discrete tokens (docs/design.md section 4)."""
     kind: str = "none"                 # none | cross_attn | qformer
     codebook_size: int = 16384         # size of the stage-1 vocabulary (plus one null code row)
     d_fuse: int = 768                  # width of the discrete-token embeddings
@@ -174,7 +174,7 @@ class MARConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run of one stage.  Defaults are MAR's recipe (DESIGN.md section 3);
+    """One training run of one stage.  Defaults are MAR's recipe (docs/design.md section 3);
     `lr` is absolute (MAR: blr 1e-4 x batch/256)."""
     stage: str = "mar"                 # kl | vq | gpt | mar
     preset: str = "mar_tiny"
@@ -251,7 +251,7 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- presets
-# Published sizes: DESIGN.md section 3 (counts measured from the public code).
+# Published sizes: docs/design.md section 3 (counts measured from the public code).
 PRESETS: dict[str, object] = {
     "vq_16": VQConfig(),
     "kl_16": KLConfig(),

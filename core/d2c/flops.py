@@ -95,7 +95,7 @@ def mar_schedule(mar, steps: int, diffusion_steps: int | None = None,
 def mar_condition_flops(mar, known: int) -> int:
     """One row of `MAR.condition` with `known` tokens known (MAR, arXiv 2406.11838):
     z_proj on every token (masked ones are dropped after it), the MAE encoder on buffer + known
-    tokens, the decoder on buffer + all tokens, and the fusion (DESIGN.md section 4)."""
+    tokens, the decoder on buffer + all tokens, and the fusion (docs/design.md section 4)."""
     c = _cfg(mar)
     E, D, L, buf = c.encoder_embed_dim, c.decoder_embed_dim, c.seq_len, c.buffer_size
     kept = buf + known

@@ -1,4 +1,4 @@
-"""Every stage, in order, for one dataset: the data flow of DESIGN.md section 2.
+"""Every stage, in order, for one dataset: the data flow of docs/design.md section 2.
 
     images -> KL / VQ tokenizers -> token cache -> stage 1 GPT (codes)
                                                 -> stage 2 MAR / D2C (moments [+ codes])

@@ -13,9 +13,10 @@ Backends
              attention_triton.py, a FlashAttention-2 forward and a split-K decode kernel.
 Choice: explicit `backend=` > `attention_backend(...)` context > env D2C_ATTENTION > auto.
 auto = on CUDA, per `attention_case`, the backend ATTENTION_DISPATCH records as measured fastest
-(SDPA for every case until a GPU run says otherwise); sdpa otherwise.  DESIGN.md suggested
-"triton whenever TRITON_INTERPRET=1"; tests/conftest.py sets that flag for the whole suite, and
-the interpreter is 400-4000x slower, so here the interpreter path runs only when asked for explicitly.
+(SDPA for every case until a GPU run says otherwise); sdpa otherwise.  Not "triton whenever
+TRITON_INTERPRET=1": tests/conftest.py sets that flag for the whole suite, and the interpreter
+is 400-4000x slower (docs/design.md section 6), so here the interpreter path runs only when
+asked for explicitly.
 """
 from __future__ import annotations
 

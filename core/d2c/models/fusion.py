@@ -1,4 +1,4 @@
-"""Fusion: how the MAR stage sees the stage-1 discrete tokens (DESIGN.md section 4).
+"""Fusion: how the MAR stage sees the stage-1 discrete tokens (docs/design.md section 4).
 
 The D2C paper (arXiv 2503.17155) names two modules, cross-attention and Q-Former, but not
 their placement; ours:

@@ -1,5 +1,5 @@
 """MAR: masked autoregressive generation over continuous tokens with a diffusion head
-(Li et al. 2024, arXiv 2406.11838), plus the D2C fusion hooks (DESIGN.md sections 3-4).
+(Li et al. 2024, arXiv 2406.11838), plus the D2C fusion hooks (docs/design.md sections 3-4).
 
 Parameter names are those of LTH14/mar `models/mar.py` (ViT blocks with timm's names), so a
 public MAR checkpoint loads with strict=True when `config.fusion.kind == "none"`.
