@@ -68,13 +68,20 @@ def task(config: DictConfig):
     logging.captureWarnings(True)   # the library's warnings (skipped batches, bad images) in the job log
     c = H.resolve(config)
     cell_id, train_key = H.keys(c)
-    logger.info(f"cell {cell_id[:8]} running: {H.describe(c)}")
+    which = f"cell {cell_id[:8]}"
+    try:     # k of N: the job's number in the sweep of the cells left to run
+        from hydra.core.hydra_config import HydraConfig
+        which = f"cell {HydraConfig.get().job.num + 1} of {os.environ['D2C_SWEEP_CELLS']} ({cell_id[:8]})"
+    except Exception:
+        pass
+    logger.info(f"{which}: {H.describe(c)} | {H.cell_work(c)}")
+    t0 = time.perf_counter()
     rec = H.run_cell(c, cell_id, train_key)
     if rec:
         m = rec.get("metrics") or {}
-        tail = (f"fid={m['fid']:.3f} {rec['speed']['images_per_second']:.1f} img/s" if rec["status"] == "ok"
+        tail = (f"fid {m['fid']:.3f}, {rec['speed']['images_per_second']:.1f} img/s" if rec["status"] == "ok"
                 and "fid" in m else rec.get("error") or "")
-        logger.info(f"cell {cell_id[:8]} {rec['status']}: {H.describe(c)} {tail}")
+        logger.info(f"{which} {rec['status']} in {time.perf_counter() - t0:.0f} s: {tail}")
     return {"cell_id": cell_id, "status": rec.get("status") if rec else None}
 
 
@@ -155,8 +162,8 @@ def main(argv=None) -> int:
 def _prepare(cells: list[dict], what: str) -> int:
     """--cache-only / --train-only: each training configuration of the cells once, in this process
     (a torchrun / srun job's ranks together); no sampling, no records."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    logging.captureWarnings(True)
+    from d2c.progress import setup_logging
+    setup_logging(force=True)
     seen = set()
     with exit_on_user_error():
         for c in cells:

@@ -58,7 +58,7 @@ def records(rd):
 
 
 def trained(out: str) -> list[str]:
-    return re.findall(r"^training (\S+) ->", out, re.M)
+    return re.findall(r"^(?:\[[^]]*\] )?training (\S+) ->", out, re.M)
 
 
 @pytest.mark.slow
@@ -145,7 +145,7 @@ def test_resume_after_sigkill(tmp_path, metrics_cache):
     assert not (rd / "records").exists() or not list((rd / "records").iterdir())
     p = run(["model=mar", "steps=2", "train_steps=30", *TINY], rd)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert re.search(r"^training kl -> .* \(resuming from step_\d+\)", p.stdout, re.M), p.stdout[-3000:]
+    assert re.search(r"^(?:\[[^]]*\] )?training kl -> .* \(resuming from step_\d+\)", p.stdout, re.M), p.stdout[-3000:]
     assert sorted(trained(p.stdout)) == ["kl", "mar", "vq"]
     recs = records(rd)
     assert len(recs) == 1 and recs[0]["status"] == "ok"

@@ -230,7 +230,7 @@ def test_sigterm_mid_training_checkpoints_no_record_then_rerun_resumes(tmp_path,
     assert not list(rd.glob("ckpt/kl-*/DONE"))                      # stopped mid-stage, checkpoint kept
     p = run(args, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert re.search(r"^training kl -> .* \(resuming from step_\d+\)", p.stdout, re.M), p.stdout[-3000:]
+    assert re.search(r"^(?:\[[^]]*\] )?training kl -> .* \(resuming from step_\d+\)", p.stdout, re.M), p.stdout[-3000:]
     recs = records(rd)
     assert len(recs) == 1 and recs[0]["status"] == "ok" and _files(rd) == [f"{recs[0]['cell_id']}.json"]
 
@@ -266,7 +266,7 @@ def test_usr2_preemption_through_submitit_local_requeues_and_resumes(tmp_path, m
     log = "".join(f.read_text() for f in rd.glob("hydra/*/.submitit/*/*_log.*"))
     assert "preempted (signal SIGUSR2): checkpoint written; requeuing" in log, log[-3000:]
     assert "Requeued job" in log, log[-3000:]
-    assert re.search(r"^training kl -> .* \(resuming from step_\d+\)", log, re.M), log[-3000:]
+    assert re.search(r"^(?:\[[^]]*\] )?training kl -> .* \(resuming from step_\d+\)", log, re.M), log[-3000:]
     recs = records(rd)
     assert len(recs) == 1 and recs[0]["status"] == "ok" and "1 ok, 0 failed of 1 cells" in out
 
@@ -290,7 +290,7 @@ def test_load_50_cells_one_in_five_failing(tmp_path, metrics_cache):
     failed = sorted(r["config"]["seed"] for r in recs if r["status"] == "failed")
     assert failed == list(range(0, 50, 5))
     assert all(r["status"] == "ok" for r in recs if r["config"]["seed"] % 5)
-    assert sorted(re.findall(r"^training (\S+) ->", p.stdout, re.M)) == ["gpt", "kl", "vq"]   # once
+    assert sorted(re.findall(r"^(?:\[[^]]*\] )?training (\S+) ->", p.stdout, re.M)) == ["gpt", "kl", "vq"]   # once
     listed = re.findall(r"^failed: (\w{8}) .*: RuntimeError: fault injected", p.stdout, re.M)
     assert sorted(listed) == sorted(r["cell_id"][:8] for r in recs if r["status"] == "failed")
     assert "40 ok, 10 failed of 50 cells" in p.stdout

@@ -76,9 +76,13 @@ def test_paper_scale_files_checked_before_anything_runs(tmp_path, paper_files):
                                                "expected a MAR checkpoint", "loading into mar_tiny"]),
         (["train_epochs=0"], ["train_epochs=0: 0 epochs trains nothing: model=d2c needs init.gpt=<file>"]),
     ]
+    cases.append(([f"data.root={d / 'nowhere'}"], [f"data.root={d / 'nowhere'}: does not exist or is not a folder"]))
+    (d / "empty" / "n01440764").mkdir(parents=True, exist_ok=True)
+    cases.append(([f"data.root={d / 'empty'}"], [f"data.root={d / 'empty'}: no images found under"]))
     for extra, needles in cases:
         rd = tmp_path / "r"
-        p = run(["model=d2c", *args, *extra], rd)
+        given = {a.split("=")[0] for a in extra}
+        p = run(["model=d2c", *[a for a in args if a.split("=")[0] not in given], *extra], rd)
         assert p.returncode == 2, (extra, p.stdout[-2000:], p.stderr[-2000:])
         err = [ln for ln in p.stderr.splitlines() if ln.strip()]
         assert len(err) == 1 and err[0].startswith("error: "), (extra, p.stderr)
@@ -121,10 +125,12 @@ def test_paper_scale_cell_end_to_end(tmp_path, paper_files):
 
     # the public MAR file sampled as it is (train_epochs=0), in a fresh results folder: nothing
     # trains and no token cache is built (the dataset is never encoded)
+    # even with a data.root it cannot read: it never opens the folder
     rd = tmp_path / "public"
     t0 = time.perf_counter()
+    unreadable = [a for a in args if not a.startswith("data.root=")] + [f"data.root={tmp_path / 'no-such-folder'}"]
     p = run(["model=mar", "steps=4", "num_images=10", "batch_size=10", "train_epochs=0",
-             f"init.mar={d / 'checkpoint-last.pth'}", f"init.gpt={d / 'c2i_B_256.pt'}", *args], rd, timeout=600)
+             f"init.mar={d / 'checkpoint-last.pth'}", f"init.gpt={d / 'c2i_B_256.pt'}", *unreadable], rd, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert trained(p.stdout) == [], p.stdout[-2000:]
     assert not list((rd / "cache").glob("tokens-*")) and not (rd / "ckpt").exists()

@@ -26,7 +26,8 @@ def _tiny_recipe(**gpt_kw):
 
 def trained_stages(caplog) -> list[str]:
     """The stages a Pipeline trained, from its `training <stage> -> <folder>` log lines."""
-    return [r.getMessage().split()[1] for r in caplog.records if r.name == "d2c.pipeline"]
+    return [r.getMessage().split()[1] for r in caplog.records
+            if r.name == "d2c.pipeline" and r.getMessage().startswith("training ")]
 
 
 def test_stages_reused_and_retrained_only_downstream(tmp_path, caplog):
@@ -167,7 +168,8 @@ def test_public_tokenizers_are_loaded_not_trained_and_epochs_count_steps(tmp_pat
     b = pipe.cache().get_batch([0], 0)
     assert len(pipe.cache()) == 12
     with torch.no_grad():
-        assert torch.equal(b["codes"], vq.encode(x)) and torch.allclose(b["moments"], kl.encode_moments(x), atol=1e-6)
+        # the cache encodes in batches: fp32 convolutions differ from a batch of one in the last bits
+        assert torch.equal(b["codes"], vq.encode(x)) and torch.allclose(b["moments"], kl.encode_moments(x), atol=1e-5)
 
     # 12 images, batch 4: an epoch is 3 steps
     for stage, steps, warmup in (("gpt", 6, 3), ("d2c_qformer", 3, 0)):

@@ -111,7 +111,7 @@ def test_two_task_job_trains_ddp_through_submitit_env(cluster, tmp_path, metrics
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:] + _cluster_state()
     logs = "".join(f.read_text() for f in rd.glob("hydra/*/.submitit/*/*_log.out"))
     for stage in ("kl", "vq", "mar"):   # both ranks entered training of each stage
-        assert len(re.findall(rf"^training {stage} ->", logs, re.M)) == 2, logs[-3000:]
+        assert len(re.findall(rf"^(?:\[[^]]*\] )?training {stage} ->", logs, re.M)) == 2, logs[-3000:]
     recs = records(rd)
     assert len(recs) == 1 and recs[0]["status"] == "ok"
 
@@ -158,11 +158,11 @@ def test_paper_scripts_cache_train_eval_as_three_srun_jobs(cluster, tmp_path, pa
     state, out = _sbatch("train", 2, cell, rd)
     assert state == "COMPLETED", out[-3000:]
     for stage in ("gpt", "d2c_qformer"):       # both ranks trained each stage (DDP)
-        assert len(re.findall(rf"^training {stage} ->", out, re.M)) == 2, out[-3000:]
+        assert len(re.findall(rf"^(?:\[[^]]*\] )?training {stage} ->", out, re.M)) == 2, out[-3000:]
     assert not (rd / "records").exists()
     state, out = _sbatch("eval", 2, cell, rd)
     assert state == "COMPLETED", out[-3000:]
-    assert not re.findall(r"^training \S+ ->", out, re.M) and out.count("1 ok, 0 failed of 1 cells") == 1, out[-3000:]
+    assert not re.findall(r"^(?:\[[^]]*\] )?training \S+ ->", out, re.M) and out.count("1 ok, 0 failed of 1 cells") == 1, out[-3000:]
     (rec,) = records(rd)
     assert rec["status"] == "ok" and rec["speed"]["ranks"] == 2 and "fid" in rec["metrics"]
     batches = [json.loads(p.read_text()) for p in rd.glob("samples/*/batches/*.json")]

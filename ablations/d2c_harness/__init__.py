@@ -7,7 +7,7 @@
     sweep.py     command-line overrides -> the plan (every cell composed, resolved and keyed)
     cell.py      one cell: train or find its stages, sample, measure, write its record; the summary
 """
-from .cell import (PREPARE, base_record, failed_record, prepare_cell, print_summary, record_env, run_cell,
+from .cell import (PREPARE, base_record, cell_work, failed_record, prepare_cell, print_summary, record_env, run_cell,
                    summary_table)
 from .resolved import build_recipe, describe, keys, resolve, sampler_of
 from .schema import (DATA_OPTIONS, FILE_KEYS, GPT_PRESETS, KEYS, KNOB_KEYS, MAR_PRESETS, RULES,
@@ -15,7 +15,7 @@ from .schema import (DATA_OPTIONS, FILE_KEYS, GPT_PRESETS, KEYS, KNOB_KEYS, MAR_
                      family_of, register_configs)
 from .sweep import DEFAULT_SWEEP, compose_cell, expand, hydra_error, plan
 
-__all__ = ["PREPARE", "base_record", "failed_record", "prepare_cell", "print_summary", "record_env",
+__all__ = ["PREPARE", "base_record", "cell_work", "failed_record", "prepare_cell", "print_summary", "record_env",
            "run_cell", "summary_table", "build_recipe", "describe", "keys", "resolve", "sampler_of",
            "DATA_OPTIONS", "FILE_KEYS", "GPT_PRESETS", "KEYS", "KNOB_KEYS", "MAR_PRESETS", "RULES",
            "ConfigError", "RunConfig", "allowed", "check_results_dir", "check_results_tree",

@@ -84,6 +84,21 @@ def prepare_cell(c: dict, what: str) -> list[str]:
     return [str(d) for d in pipe._dirs.values()]
 
 
+def cell_work(c: dict) -> str:
+    """What a cell will do, for its first log line (the pipeline logs each stage as it trains it,
+    resumes it or finds it trained)."""
+    fam = family_of(c)
+    stages = [s for s, has in (("gpt", fam.has_stage1), ("mar", fam.has_stage2)) if has]
+    public = [s for s in stages if c.get(f"init.{s}")]
+    if c["train_epochs"] == 0:
+        work = "trains nothing (public " + ", ".join(f"{s} {Path(c[f'init.{s}']).name}" for s in public) + ")"
+    else:
+        fresh = ["tokenizers"] * (c["recipe"] not in PAPER_RECIPES) + [s for s in stages if s not in public]
+        work = "; ".join(([f"fine-tunes {', '.join(public)}"] if public else [])
+                         + ([f"trains (or reuses) {', '.join(fresh)}"] if fresh else []))
+    return f"{work}; samples {c['num_images']} images, batch {c['batch_size']}, seed {c['seed']}"
+
+
 def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
     """ensure checkpoints -> sample -> metrics -> record; a failure becomes a failed record.
     Returns the record (rank 0) or {} (other ranks of a multi-task job)."""
@@ -105,7 +120,7 @@ def run_cell(c: dict, cell_id: str, train_key: str) -> dict:
         pipe = open_pipeline(c, world)
         fam = family_of(c)
         pipe.models(fam)                      # trains / resumes / reuses (all ranks under DDP)
-        run = dict(num_images=c["num_images"], batch_size=c["batch_size"], seed=c["seed"], progress=False)
+        run = dict(num_images=c["num_images"], batch_size=c["batch_size"], seed=c["seed"], progress=True)
         from d2c.results import check_cell_id, safe_subdir
         if c["recipe"] in PAPER_RECIPES:      # the ADM protocol: every rank samples its batches
             from d2c.pipeline import evaluate_adm

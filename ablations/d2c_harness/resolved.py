@@ -145,6 +145,14 @@ def _file_problem(key: str, path: str, preset: Optional[str], overrides: str, st
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def _image_folder_counts(root: str, stamp: int) -> tuple[int, int]:
+    """(classes, images) of an image folder, scanned once per plan (memoised per folder state)."""
+    from d2c.data.imagefolder import index_image_folder
+    classes, samples = index_image_folder(root)
+    return len(classes), len(samples)
+
+
 def _paper_files(c: dict) -> None:
     """recipe=imagenet: an image folder and the files the cell needs, each checked before anything
     runs (missing or wrong: one line naming the key, the file and where it comes from); the
@@ -257,6 +265,13 @@ def resolve(config) -> dict:
     except DataError as e:
         key = str(e).split("=", 1)[0].split()[0]
         raise ConfigError(key, None, message=str(e)) from None
+    if data.get("name") == "imagefolder" and c["train_epochs"] != 0:   # a cell that trains reads the folder
+        root = Path(data["root"]).expanduser().resolve()
+        try:
+            _image_folder_counts(str(root), root.stat().st_mtime_ns if root.is_dir() else 0)
+        except DataError as e:
+            raise ConfigError("data.root", data["root"], message=f"data.root={data['root']}: "
+                              f"{one_line(e).removeprefix('dataset root ')}") from None
     # what the family does not run: null, so such cells are one cell
     c.update(dataclasses.asdict(sampler_of(c).for_family(c["model"])))
     model = c["model"]

@@ -118,19 +118,42 @@ def check_pretrained(preset: str, path, new: tuple = (), **overrides) -> None:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                sd = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {first})") from None
-    else:
-        sd = unwrap(safe_torch_load(path, mmap=True), str(path))
+    sd = _meta_state(path) if path.suffix == ".safetensors" else unwrap(safe_torch_load(path, mmap=True), str(path))
     with torch.device("meta"):
         model = build(preset, **overrides)
     check_keys(model, sd, True, str(path), new)
+
+
+def _meta_state(path: Path) -> dict:
+    """A safetensors file's keys and shapes (its header) as meta tensors."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {first})") from None
+
+
+def check_trained(out, ema: bool = True) -> dict:
+    """Whether run folder `out` loads (load_trained), reading its config.json and its newest
+    checkpoint's safetensors header only; returns the config.json.  Raises CheckpointError."""
+    from d2c.registry import build
+    out = Path(out)
+    try:
+        meta = json.loads((out / "config.json").read_text())
+        preset, model_cfg = meta["train"]["preset"], meta["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{out}: not a run folder of ours (its config.json: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    dirs = checkpoint_dirs(out)
+    if not dirs:
+        raise CheckpointError(f"{out}: no checkpoint (step_*/) found; train the stage first")
+    f = dirs[-1] / ("ema.safetensors" if ema else "model.safetensors")
+    with torch.device("meta"):
+        model = build(preset, **_overrides_from_json(model_cfg, preset))
+    check_keys(model, _meta_state(f), True, str(f))
+    return meta
 
 
 def save_safetensors(model_or_sd, path) -> None:

@@ -77,17 +77,19 @@ def sample_to_npz(models: dict, out, sampler, *, num_images: int, num_classes: i
     write_once(out / "meta.json", text)
     if (out / "meta.json").read_text() != text:
         diff = _differs(json.loads((out / "meta.json").read_text()), settings, sampler)
-        if diff:
+        if diff and any((out / "batches").glob("batch-*.json")):
             raise EvalError(f"{out} holds samples of another configuration ({diff} differs); give a new folder")
+        if diff:                 # a run that stopped before its first batch: the folder is still free
+            atomic_write_text(out / "meta.json", text)
     labels = balanced_labels(num_images, num_classes)
     num_batches = -(-num_images // batch_size)
     todo = [b for b in range(rank, num_batches, world) if not _done(out, b)]
     device = next(next(iter(models.values())).parameters()).device
     if todo:
-        from tqdm.auto import tqdm
+        from d2c.progress import Progress
         total = sum(len(labels[b * batch_size:(b + 1) * batch_size]) for b in todo)
-        bar = tqdm(total=total, desc=f"sample (rank {rank}/{world})" if world > 1 else "sample", unit="img",
-                   disable=not progress, dynamic_ncols=True)
+        bar = Progress(f"sample {out.name}" + (f" (rank {rank}/{world})" if world > 1 else ""), total, "img",
+                       enabled=progress, images_per_unit=1)
         for i, b in enumerate(todo):
             lab = labels[b * batch_size:(b + 1) * batch_size]
             if device.type == "cuda":
@@ -105,7 +107,7 @@ def sample_to_npz(models: dict, out, sampler, *, num_images: int, num_classes: i
                 "batch": b, "images": len(lab), "seconds": seconds, "warmup": i == 0, "rank": rank,
                 "world": world, "timings": res.timings, "nfe": res.nfe, "dtypes": res.dtypes,
                 **peak_memory(device)}))
-            bar.update(len(lab))
+            bar.update(len(lab), batch=f"{i + 1}/{len(todo)}")
         bar.close()
     return _complete(out, num_batches, labels, rank, world, wait)
 

@@ -89,11 +89,14 @@ class Pipeline:
             with _stage_lock(out):   # concurrent processes (sweep cells) train a stage once
                 if not is_done(out):
                     last = sorted(p.name for p in out.glob("step_*")) if out.exists() else []
-                    logger.info(f"training {name} -> {out}" + (f" (resuming from {last[-1]})" if last else ""))
+                    logger.info(f"training {name} -> {out}: {config.train_steps} steps"
+                                + (f" (resuming from {last[-1]})" if last else ""))
                     t0 = time.perf_counter()
                     train(config, source or source_fn(), out, device=self.device, extra_batch=extra,
                           init_from=init_from)
                     self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+        else:
+            logger.info(f"reusing {name} -> {out} (trained)")
         self._dirs[name] = out
         return out
 
@@ -147,6 +150,7 @@ class Pipeline:
     def _public(self, config: TrainConfig, path):
         """A stage's model from a public file (strict; `fusion.*` may be new: zero-init)."""
         from d2c import load_pretrained
+        logger.info(f"loading {config.stage} <- {path} ({config.preset}; public weights, nothing trained)")
         return load_pretrained(config.preset, path, new=("fusion.",), **config.overrides).to(self.device).eval()
 
     def gpt(self):
@@ -237,19 +241,19 @@ def evaluate(pipe: Pipeline, family: Family, sampler, *, num_images: int = 1000,
     labels = balanced_labels(num_images, _num_classes(models))
     images, timings, nfe, first = [], {}, {}, None
     chunks = list(torch.split(labels, batch_size))
-    it = chunks
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(chunks, desc=f"sample {family.name} steps={sampler.steps}", dynamic_ncols=True)
-    for i, lab in enumerate(it):
+    from d2c.progress import Progress
+    bar = Progress(f"sample {family.name}", num_images, "img", enabled=progress, images_per_unit=1)
+    for i, lab in enumerate(chunks):
         res = d2c_sample(lab, models, sampler, seed=seed * 100_003 + i)
         images.append(res.images)
+        bar.update(len(lab), batch=f"{i + 1}/{len(chunks)}")
         if sampler.compile and i == 0 and len(chunks) > 1:
             first = (res.timings["total"], len(lab))          # compilation and graph capture
         else:
             for k, v in res.timings.items():
                 timings[k] = timings.get(k, 0.0) + v
         nfe = res.nfe
+    bar.close()
     images = torch.cat(images)
     timed = num_images - (first[1] if first else 0)
     speed = speed_record(SampleResult(images, None, None, timings, nfe, res.dtypes), timed, pipe.device)

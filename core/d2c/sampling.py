@@ -253,10 +253,11 @@ def save_grid(images_uint8: torch.Tensor, path, nrow: int = 8):
     from PIL import Image
     from torchvision.utils import make_grid
 
+    from d2c.files import atomic_write
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(images_uint8.cpu(), nrow=nrow, padding=2)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
     return path
 
 

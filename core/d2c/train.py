@@ -227,7 +227,7 @@ def train(config: TrainConfig, source, out, device=None, extra_batch: dict | Non
         atomic_write_text(out / "config.json", json.dumps(run_config_json(config, model_config), indent=1))
     ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[local] if device.type == "cuda" else None)
-    log = _Log(config, out, rank, start)
+    log = _Log(config, out, rank, start, len(source))
     local_b = config.batch_size // world
     micro = local_b // accum
     saved, in_a_row = start, 0          # step of the newest checkpoint; skipped batches in a row
@@ -368,25 +368,33 @@ def _skip_or_stop(config, out, step, what, in_a_row, saved, skipped, checkpoint,
 
 
 class _Log:
-    """Rank 0's TensorBoard scalars (every log_every steps) and progress bar."""
+    """Rank 0's progress (d2c.progress: a bar at a terminal, log lines in a job's log: step,
+    epoch, loss, lr, img/s, ETA) and TensorBoard scalars, both every log_every steps."""
 
-    def __init__(self, config: TrainConfig, out: Path, rank: int, start: int):
+    def __init__(self, config: TrainConfig, out: Path, rank: int, start: int, num_items: int):
+        from d2c.progress import Progress
         self.config, self.rank = config, rank
-        self.writer = self.bar = None
+        self.steps_per_epoch = max(1, num_items // config.batch_size)
+        self.writer = None
         if config.tensorboard and rank == 0:
             d2c.require("tensorboard", "TrainConfig.tensorboard=True (logs in <run>/tb)")
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(out / "tb"))
-        if config.progress and rank == 0:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=config.train_steps, initial=start, desc=f"train {config.stage} ({config.preset})",
-                            dynamic_ncols=True)
+        self.progress = Progress(f"train {config.stage} ({config.preset})", config.train_steps, "steps",
+                                 enabled=rank == 0, bar=config.progress, initial=start,
+                                 images_per_unit=config.batch_size)
         self.t0, self.last = time.perf_counter(), start
 
     def step(self, done: int, loss, opt, gnorm, scalars: dict, n_skipped: int):
         config, w = self.config, self.writer
-        if self.rank == 0 and (done % config.log_every == 0 or done == config.train_steps):
+        fields = {}
+        scalars_due = done % config.log_every == 0 or done == config.train_steps
+        if self.rank == 0 and (scalars_due or self.progress.due()):
             lv = loss.item()
+            fields = {"epoch": f"{done / self.steps_per_epoch:.2f}", "loss": lv, "lr": f"{opt.param_groups[0]['lr']:.2e}"}
+            if n_skipped:
+                fields["skipped"] = n_skipped
+        if self.rank == 0 and scalars_due:
             rate = (done - self.last) / max(time.perf_counter() - self.t0, 1e-9)
             self.t0, self.last = time.perf_counter(), done
             if w is not None:
@@ -398,14 +406,10 @@ class _Log:
                     w.add_scalar(f"{config.stage}/grad_norm", float(gnorm), done)
                 for k, v in scalars.items():
                     w.add_scalar(f"{config.stage}/{k}", v, done)
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{lv:.4f}", it_s=f"{rate:.2f}")
-        if self.bar is not None:
-            self.bar.update(1)
+        self.progress.update(1, **fields)
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()
         if self.writer is not None:
             self.writer.close()
 

@@ -228,6 +228,7 @@ class D2CSweeper(Sweeper):
             logger.info(f"  [{'todo' if c in todo else 'done'}] {c['cell_id'][:8]} {c['describe']}")
         if not todo:
             return []
+        os.environ["D2C_SWEEP_CELLS"] = str(len(todo))   # a job's log says "cell k of N" (k: hydra.job.num)
         rets = self.launcher.launch([c["overrides"] for c in todo], initial_job_idx=0)
         for c, r in zip(todo, rets):
             if r.status == JobStatus.COMPLETED:

@@ -121,7 +121,7 @@ def build_token_cache(dataset, out_dir, *, kl=None, vq=None, batch_size: int = 6
     _remove_stale_tmp(final, ".tmp-shard")
     todo = [s for s in range(rank, num_shards, world) if not shard_done(final, s)]
     if todo:
-        from tqdm.auto import tqdm
+        from d2c.progress import Progress
 
         models = [m for m in (kl, vq) if m is not None]
         dev = torch.device(device) if device is not None else _model_device(models[0])
@@ -129,11 +129,12 @@ def build_token_cache(dataset, out_dir, *, kl=None, vq=None, batch_size: int = 6
         for m in models:
             m.to(dev).eval()
         total = sum(min(n, (s + 1) * shard_size) - s * shard_size for s in todo)
-        bar = tqdm(total=total, desc=f"token cache (rank {rank}/{world}, {len(todo)} shards)" if world > 1
-                   else f"token cache ({len(todo)} shards)", unit="img", disable=not progress, dynamic_ncols=True)
+        bar = Progress(f"token cache {final.name}" + (f" (rank {rank}/{world})" if world > 1 else ""), total, "img",
+                       enabled=progress, images_per_unit=1)
         try:
             with torch.inference_mode():
-                for s in todo:
+                for i, s in enumerate(todo):
+                    bar.fields["shard"] = f"{i + 1}/{len(todo)}"
                     _write_shard(dataset, final, s, shard_size, kl, vq, batch_size, dev, num_workers,
                                  moments_dtype, bar)
         finally:

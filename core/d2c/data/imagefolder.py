@@ -68,6 +68,29 @@ def load_rgb(path):
         return img.convert("RGB")
 
 
+def index_image_folder(root) -> tuple[list[str], list[tuple[str, int]]]:
+    """(sorted class-folder names, [(image path, label)]) of `root/<class>/**/<image>`, or one
+    DataError line: root missing, not a folder, unreadable, or holding no class folder with images."""
+    root = Path(os.path.abspath(os.path.expanduser(root)))
+    if not root.is_dir():
+        raise DataError(f"dataset root does not exist or is not a folder: {root}")
+    try:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"dataset root {root}: unreadable ({e.strerror})") from None
+    samples = []
+    for label, c in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / c, followlinks=True):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
+                    samples.append((os.path.join(dirpath, name), label))
+    if not samples:
+        raise DataError(f"no images found under {root} (expected <root>/<class>/<image> "
+                        f"with extensions {', '.join(IMG_EXTENSIONS)})")
+    return classes, samples
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """`root/<class>/**/<image>` -> (float (3, size, size) in [-1, 1], int label).
 
@@ -85,20 +108,8 @@ class ImageFolder(torch.utils.data.Dataset):
             raise DataError(f"verify={verify!r}; allowed: {', '.join(VERIFY)}")
         self.root = Path(os.path.abspath(os.path.expanduser(root)))
         self.image_size, self.on_bad, self.verify = int(image_size), on_bad, verify
-        if not self.root.is_dir():
-            raise DataError(f"dataset root does not exist or is not a folder: {self.root}")
-        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        self.classes, samples = index_image_folder(self.root)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        samples = []
-        for c in self.classes:
-            for dirpath, dirnames, filenames in os.walk(self.root / c, followlinks=True):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
-                        samples.append((os.path.join(dirpath, name), self.class_to_idx[c]))
-        if not samples:
-            raise DataError(f"no images found under {self.root} (expected <root>/<class>/<image> "
-                            f"with extensions {', '.join(IMG_EXTENSIONS)})")
         self.bad: list[str] = []          # files found unreadable (index time or load time)
         self._bad_idx: set[int] = set()
         self._warned = False

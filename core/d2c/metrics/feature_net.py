@@ -117,9 +117,8 @@ def _torch_threads(n: int):
 
 
 def _train_feature_net(config: FeatureNetConfig, progress: bool = True) -> FeatureNet:
-    from tqdm.auto import tqdm
-
     from d2c.data.shapes import make_shapes
+    from d2c.progress import Progress
 
     x, y, detail = make_shapes(config.n_train, seed=config.data_seed, return_detail=True)
     # One thread: convs this small barely scale, and 2 threads beside another busy process ran
@@ -135,8 +134,8 @@ def _train_feature_net(config: FeatureNetConfig, progress: bool = True) -> Featu
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.train_steps, pct_start=0.15)
         net.train()
         order, pos = torch.randperm(len(y), generator=gen), 0
-        bar = tqdm(range(config.train_steps), desc="feature net", disable=not progress, leave=False)
-        for _ in bar:
+        bar = Progress("feature net", config.train_steps, "steps", enabled=progress, images_per_unit=config.batch_size)
+        for _ in range(config.train_steps):
             if pos + config.batch_size > len(y):
                 order, pos = torch.randperm(len(y), generator=gen), 0
             idx = order[pos:pos + config.batch_size]
@@ -151,7 +150,8 @@ def _train_feature_net(config: FeatureNetConfig, progress: bool = True) -> Featu
             loss.backward()
             opt.step()
             sched.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.update(1, **({"loss": loss.item()} if bar.due() or bar.bar is not None else {}))
+        bar.close()
     return net.to(memory_format=torch.contiguous_format).eval()
 
 
