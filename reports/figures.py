@@ -148,3 +148,33 @@ def stages(c: pd.DataFrame, base: Path) -> list[Path] | None:
 
 
 # ---------------------------------------------------------------- report
+
+
+def sample_grids(runs: pd.DataFrame, results_dir: Path, base: Path, max_panels: int = 8) -> list[Path] | None:
+    """The cells' sample grids side by side, one panel per (family, MAR steps) with its FID: the
+    first seed's record of each, families in the report's order, at most `max_panels`."""
+    from PIL import Image
+    ok = runs[(runs["status"] == "ok") & runs["grid"].notna()] if "grid" in runs else runs.iloc[:0]
+    if ok.empty:
+        return None
+    ok = ok.assign(_steps=ok["steps"] if "steps" in ok else None)
+    picks = []
+    for (fam, steps), grp in ok.groupby(["family", "_steps"], sort=False, dropna=False):
+        r = grp.sort_values("seed", kind="stable").iloc[0]
+        if (results_dir / str(r["grid"])).is_file():
+            picks.append((family_rank(fam), -1 if pd.isna(steps) else steps, r))
+    picks = [r for *_, r in sorted(picks, key=lambda p: p[:2])][:max_panels]
+    if not picks:
+        return None
+    cols = min(4, len(picks))
+    rows = -(-len(picks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, picks):
+        ax.imshow(np.asarray(Image.open(results_dir / str(r["grid"])).convert("RGB")))
+        steps = "" if pd.isna(r.get("steps")) else f", {value_text(r['steps'])} steps"
+        fid = f"FID {r['fid']:.1f}" if "fid" in r and pd.notna(r["fid"]) else ""
+        ax.set_title(f"{r['family']}{steps}\n{fid}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, base)

@@ -146,7 +146,9 @@ def build_report(runs, problems, results_dir: Path, out: Path, published_path: P
                                 ("speed_vs_fid_detail", "Speed vs FID-detail, Pareto front dashed",
                                  lambda b: figures.speed_fid(ch, b, "fid_detail")),
                                 ("fid_vs_steps", "FID vs MAR steps per family", lambda b: figures.fid_steps(rh, ch, b)),
-                                ("stage_times", "Time per stage", lambda b: figures.stages(ch, b))):
+                                ("stage_times", "Time per stage", lambda b: figures.stages(ch, b)),
+                                ("sample_grids", "Samples by family (first seed of each family and step count)",
+                                 lambda b: figures.sample_grids(rh, results_dir, b))):
             try:
                 paths = fn(out / "figures" / hs / name)
             except Exception as e:  # a plotting failure must not cost the rest of the report

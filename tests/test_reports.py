@@ -240,6 +240,9 @@ def test_figures_written(built):
             assert base.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
     report = (out / "report.md").read_text()
     assert report.count("![") >= 6 and "speed_vs_fid.png" in report
+    # the sample grids by family: only where a record's grid file exists (two records have one)
+    panels = sorted(out.glob("figures/*/sample_grids.png"))
+    assert panels and all(is_png(p) for p in panels) and "sample_grids.png" in report
 
 
 def test_grid_pages(built):

@@ -67,6 +67,7 @@ class Pipeline:
         self._dirs: dict[str, Path] = {}
         self._ids: dict[str, str] = {}          # what names each tokenizer in its dependants' keys
         self._pretrained: dict = {}
+        self._models: dict = {}                 # family -> its d2c_sample models, built once
 
     @property
     def dataset(self):
@@ -95,7 +96,7 @@ class Pipeline:
                     train(config, source or source_fn(), out, device=self.device, extra_batch=extra,
                           init_from=init_from)
                     self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
-        else:
+        elif name not in self._dirs:
             logger.info(f"reusing {name} -> {out} (trained)")
         self._dirs[name] = out
         return out
@@ -205,8 +206,10 @@ class Pipeline:
         return out
 
     def models(self, family: Family) -> dict:
-        """The keyword arguments of d2c_sample for a family."""
-        models = {}
+        """The keyword arguments of d2c_sample for a family (trained, found or loaded once)."""
+        if family in self._models:
+            return self._models[family]
+        models = self._models[family] = {}
         if family.has_stage2:
             models.update(mar=self.mar(family), kl=self.tokenizer("kl"))
         if family.has_stage1:
@@ -259,6 +262,8 @@ def evaluate(pipe: Pipeline, family: Family, sampler, *, num_images: int = 1000,
     speed = speed_record(SampleResult(images, None, None, timings, nfe, res.dtypes), timed, pipe.device)
     if first:
         speed["compile_seconds"] = max(0.0, first[0] - first[1] * speed["seconds_per_image"])
+    logger.info(f"measuring {len(images)} images of {family.name}: FID, IS, KID, precision/recall, class accuracy, "
+                "detail metrics")
     metrics = compute_metrics(images, mode="embedded", cache_dir=pipe.root / "cache", device=pipe.device)
     metrics["class_accuracy"] = class_accuracy(images, labels, cache_dir=pipe.root / "cache")
     metrics.update(detail_metrics(images, cache_dir=pipe.root / "cache", device=pipe.device))
@@ -285,6 +290,7 @@ def evaluate_adm(pipe: Pipeline, family: Family, out, sampler, *, num_images: in
                         batch_size=batch_size, seed=seed, progress=progress)
     if dist_env()[0] != 0:
         return None
+    logger.info(f"measuring {npz}: FID, IS, KID, precision/recall against {reference}")
     metrics = evaluate_npz(npz, inception=inception, reference=reference, device=pipe.device)
     speed = json.loads((Path(out) / "speed.json").read_text())
     images = torch.from_numpy(load_npz_images(npz)[:64]).permute(0, 3, 1, 2).contiguous()
