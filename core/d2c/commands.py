@@ -161,9 +161,8 @@ def sample_grid(models: dict, classes, sampler, path, *, per_class: int = 4, bat
                 seed: int = 0) -> Path:
     """A PNG grid of `classes`, a row of `per_class` samples each (LlamaGen's sample_c2i.py, MAR's
     demo); batch b of the labels is sampled with seed `seed * 100_003 + b`, as the evaluation's."""
-    from d2c.sampling import d2c_sample, save_grid
-    family = "d2c" if {"gpt", "mar"} <= set(models) else "mar" if "mar" in models else "llamagen"
-    sampler = sampler.for_family(family)
+    from d2c.sampling import d2c_sample, family_of_models, save_grid
+    sampler = sampler.for_family(family_of_models(models))
     labels = torch.tensor(classes).repeat_interleave(per_class)
     images = [d2c_sample(lab, models, sampler, seed=seed * 100_003 + b).images
               for b, lab in enumerate(labels.split(batch_size))]

@@ -60,7 +60,7 @@ def sample_to_npz(models: dict, out, sampler, *, num_images: int, num_classes: i
     from d2c.distributed import dist_env
     from d2c.metrics import balanced_labels
     from d2c.metrics.speed import peak_memory
-    from d2c.sampling import d2c_sample
+    from d2c.sampling import d2c_sample, family_of_models
 
     if num_images < 1 or batch_size < 1:
         raise EvalError(f"num_images={num_images} batch_size={batch_size}; allowed: integers >= 1")
@@ -68,8 +68,7 @@ def sample_to_npz(models: dict, out, sampler, *, num_images: int, num_classes: i
         rank, world, _ = dist_env()
     out = Path(out)
     (out / "batches").mkdir(parents=True, exist_ok=True)
-    model = "d2c" if {"gpt", "mar"} <= set(models) else "mar" if "mar" in models else "llamagen"
-    sampler = sampler.for_family(model)
+    sampler = sampler.for_family(family_of_models(models))
     settings = {"num_images": num_images, "num_classes": num_classes, "batch_size": batch_size, "seed": seed,
                 "sample": {k: v for k, v in sorted(dataclasses.asdict(sampler).items()) if v is not None},
                 "models": _fingerprints(models)}

@@ -109,6 +109,11 @@ class SamplerConfig:
         return dataclasses.replace(self, **out)
 
 
+def family_of_models(models: dict) -> str:
+    """The family a d2c_sample models dict samples: gpt + mar is d2c, mar alone mar, gpt + vq llamagen."""
+    return "d2c" if {"gpt", "mar"} <= set(models) else "mar" if "mar" in models else "llamagen"
+
+
 def stages_of(family) -> tuple[bool, bool]:
     """(runs stage 1, runs stage 2) of a Family or a model name."""
     if isinstance(family, Family):
