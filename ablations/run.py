@@ -4,6 +4,7 @@
     python ablations/run.py                                        # the embedded-default comparison
     python ablations/run.py -m fusion=cross_attn,qformer steps=16,32,64
     python ablations/run.py -m fusion=cross_attn,qformer steps=16,32,64 --plan   # the cells; runs nothing
+    python ablations/run.py -m search=front model=mar,d2c fusion=cross_attn budget=40   # speed-vs-FID fronts
     python ablations/run.py recipe=imagenet ... --cache-only     # the token cache only (all ranks of a job)
     python ablations/run.py recipe=imagenet ... --train-only     # the stages only (= d2c-train ...)
     python ablations/run.py -m model=mar steps=8,32 hydra/launcher=submitit_slurm \
@@ -19,6 +20,8 @@ d2c.cli.exit_on_user_error contract); so do a `_target_` outside d2c / this harn
 a results_dir with '..' components and a symlink in the results tree (records -> elsewhere).
 One record per cell in <results_dir>/records/<cell_id>.json (schema: core/d2c/results.py);
 finished cells are skipped when the sweep runs again.  Exit status 1 if any cell failed.
+search=front (budget=N, search_batch=K) searches each family's sampler settings for its
+speed-vs-FID front instead of running the grid: ablations/d2c_harness/search.py.
 Here the command is planned once (every cell composed, resolved and keyed), the plan handed to
 the d2c sweeper as a file, and the summary printed from the records after the sweep.
 """
@@ -143,20 +146,49 @@ def main(argv=None) -> int:
             rd = next((a.partition("=")[2] for a in args if a.startswith("results_dir=")), "results")
             rd = H.check_results_dir(rd).resolve()
             args = [a for a in args if not a.startswith("results_dir=")] + [f"results_dir={rd}"]
+            search, args = H.split_search_args(args)
             cells = _validate(args)
     except SystemExit as e:
         return e.code
+    if prepare:
+        return _prepare(cells, prepare)
+    if search.search:
+        return _search(args, search, rd, plan_only)
     if plan_only:
         _print_plan(cells)
         return 0
-    if prepare:
-        return _prepare(cells, prepare)
-    sys.argv = [sys.argv[0], "--multirun", *args, f"hydra.sweeper.plan={_hydra_quote(_write_plan(cells, rd))}"]
-    task()
+    _launch(cells, args, rd)
     from d2c.distributed import dist_env
     if dist_env()[0] != 0:   # a job's tasks all run the sweep (plain srun): the summary is rank 0's
         return 0
     return 1 if H.print_summary(cells, rd) else 0
+
+
+def _launch(cells: list[dict], args: list[str], rd: Path, sweep_dir: Path | None = None) -> None:
+    """One launcher call of planned cells (the d2c sweeper skips the finished ones)."""
+    extra = [f"hydra.sweep.dir={_hydra_quote(sweep_dir)}"] if sweep_dir else []
+    sys.argv = [sys.argv[0], "--multirun", *args, *extra, f"hydra.sweeper.plan={_hydra_quote(_write_plan(cells, rd))}"]
+    task()
+
+
+def _search(args: list[str], search, rd: Path, plan_only: bool) -> int:
+    """search=front: rounds of proposals, each round one launcher call (its own sweep folder
+    under the command's), then the seed confirmations; the fronts printed at the end."""
+    from hydra import initialize_config_dir
+    from d2c.progress import setup_logging
+    setup_logging(force=True)
+    planning = lambda: initialize_config_dir(config_dir=str(HERE / "conf"), version_base=None)  # noqa: E731
+    if plan_only:
+        with exit_on_user_error(), planning():
+            for b in H.search_bases(args):
+                print(f"search {b['search_id'][:8]}: {H.describe(b['config'])}; budget {search.budget}; "
+                      "searching " + ", ".join(f"{k} in {v}" for k, v in b["space"].items()))
+        return 0
+    given = next((a.partition("=")[2] for a in args if a.startswith("hydra.sweep.dir=")), None)
+    root = Path(given) if given else rd / "hydra" / f"search-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    args = [a for a in args if not a.startswith("hydra.sweep.dir=")]
+    with exit_on_user_error():
+        return 1 if H.run_search(args, search, lambda cells, tag: _launch(cells, args, rd, root / tag), planning) else 0
 
 
 def _prepare(cells: list[dict], what: str) -> int:

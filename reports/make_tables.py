@@ -3,6 +3,7 @@
 
     python reports/make_tables.py                              # reads results/, writes results/report/
     python reports/make_tables.py --results R --out O
+    python reports/make_tables.py --target-fid 12      # the FID of the "speed at equal FID" table
 
 Rules: measured rows come only from the records (d2c.results, schema 1); published numbers
 (reports/published.csv) get their own section and are never mixed in; runs on different hardware
@@ -34,7 +35,11 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default="results", help="results folder of the harness (holds records/)")
     ap.add_argument("--out", default=None, help="report folder (default: <results>/report)")
     ap.add_argument("--published", default=str(HERE / "published.csv"), help="published numbers (CSV)")
+    ap.add_argument("--target-fid", type=float, default=None, metavar="FID",
+                    help="the FID of the table 'speed at equal FID' (default: the best on the slowest family's front)")
     args = ap.parse_args(argv)
+    if args.target_fid is not None and not args.target_fid > 0:
+        ap.error(f"--target-fid {args.target_fid}: allowed: numbers > 0")
     results = Path(args.results)
     if not results.is_dir():
         log(f"results path {str(results)!r} does not exist (or is not a folder); nothing to report")
@@ -46,7 +51,7 @@ def main(argv=None) -> int:
     if runs.empty:
         log(f"no valid result records under {results / 'records'}: nothing measured yet")
     try:
-        wrote = build_report(runs, problems, results, out, Path(args.published))
+        wrote = build_report(runs, problems, results, out, Path(args.published), args.target_fid)
     except OSError as e:  # e.g. a read-only report folder
         log(f"cannot write the report to {out}: {e}")
         return 1

@@ -13,6 +13,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from d2c_reports import figures
+from d2c_reports import fronts as F
 from d2c_reports.load import AXES, DASH, SETTINGS, VARIED_ONLY, cells, config_columns, family_rank, log, order_key
 from d2c_reports.tables import axis_table, caption, table_latex, table_markdown, value_text
 
@@ -96,11 +97,80 @@ def write_grid_pages(runs: pd.DataFrame, results_dir: Path, out: Path) -> list[t
     return pages
 
 
-def build_report(runs, problems, results_dir: Path, out: Path, published_path: Path) -> dict:
-    """Writes every table, figure, grid page and report.md/.html; returns what it wrote."""
+def _figure(wrote: dict, md: list, name: str, title: str, fn, base: Path, hw: str, out: Path) -> None:
+    """One figure into the page (a plotting failure costs only that figure)."""
+    try:
+        paths = fn(base / name)
+    except Exception as e:  # noqa: BLE001
+        figures.close_all()
+        log(f"figure {name} ({hw}) skipped: {type(e).__name__}: {e}")
+        paths = None
+    if not paths:
+        md += [f"_{title}: no data_", ""]
+        return
+    wrote["figures"] += paths
+    md += [f"![{title}]({_rel(paths[0], out)})", "", f"{title} ([PDF]({_rel(paths[1], out)}))", ""]
+
+
+def answer_md(ch: pd.DataFrame, rh: pd.DataFrame, hw: str, figs: Path, out: Path, results_dir: Path, wrote: dict,
+              target: float | None = None) -> list[str]:
+    """The report's answer for one hardware and setting: each family's speed-vs-FID front, the
+    speed at equal FID (and FID-detail), the front's points, and the chosen points' samples."""
+    p = F.points(ch)
+    if p.empty:
+        return []
+    md = []
+    for metric in ("fid", "fid_detail"):
+        name = F.METRIC_NAMES[metric]
+        if metric not in p or not p[metric].notna().any():
+            continue
+        _figure(wrote, md, "fronts" if metric == "fid" else "fronts_detail",
+                f"Speed vs {name}: fronts (mean over seeds, bars ± std; faint: every setting run)",
+                lambda b, m=metric: figures.fronts(p, b, m), figs, hw, out)
+        t, tgt, spread, ref = F.equal_quality(p, metric, target if metric == "fid" else None)
+        if t.empty:
+            continue
+        md += [f"**Speed at equal {name}**: target {name} {tgt:.2f} (the best on the front of {ref}, the "
+               f"slowest family{'; given' if target is not None and metric == 'fid' else ''}), within the pooled "
+               f"seed std {spread:.2f}; for each family its fastest front point there.", "", md_table(t)]
+        if metric == "fid":
+            picks = t[t["point"] != DASH]
+            front = F.fronts(p, metric)
+            md += ["**The fronts' points** (settings: what differs from the family's default sampler, as the "
+                   "overrides that reproduce it; points of one seed are not confirmed):", "",
+                   md_table(F.front_table(p, metric))]
+            panels = []
+            rp = F.points(rh[rh["status"] == "ok"].assign(n=1)) if len(rh) else rh
+            for _, r in picks.iterrows():
+                pt = front[front["id"] == r["point"]].iloc[0]
+                match = rp[(rp["group"] == pt["group"]) & (rp["settings"] == pt["settings"])] if len(rp) else rp
+                if len(match) and "grid" in match:
+                    first = match.sort_values("seed", kind="stable").iloc[0]
+                    if pd.notna(first["grid"]):
+                        panels.append((f"{pt['id']} {pt['group']}\n{name} {pt[metric]:.1f}, {pt[F.SPEED]:.3g} img/s",
+                                       results_dir / str(first["grid"])))
+            _figure(wrote, md, "equal_fid_samples", f"Samples of the points at equal {name} (first seed)",
+                    lambda b: figures.grid_panels(panels, b), figs, hw, out)
+            _figure(wrote, md, "stage_times", "Time per stage of the front's points",
+                    lambda b: figures.stages(front, b), figs, hw, out)
+    return md
+
+
+def build_report(runs, problems, results_dir: Path, out: Path, published_path: Path,
+                 target_fid: float | None = None) -> dict:
+    """Writes every table, figure, grid page and report.md/.html; returns what it wrote.  The
+    page opens with its answer (fronts, speed at equal FID) and ends with the run metadata."""
     out.mkdir(parents=True, exist_ok=True)
     figures.theme()
     c = cells(runs)
+    # the axis tables and step plots: the grid's cells (a search's proposals live in the fronts)
+    searched = F.searched_cells(results_dir)
+    if len(runs) and searched:
+        default = runs.apply(F.settings_text, axis=1) == "default"
+        grid_runs = runs[~runs["cell_id"].isin(searched) | default]
+    else:
+        grid_runs = runs
+    cg = cells(grid_runs)
     wrote = {"tables": [], "figures": [], "grids": []}
     n_ok = int((runs["status"] == "ok").sum()) if len(runs) else 0
     n_failed = int((runs["status"] == "failed").sum()) if len(runs) else 0
@@ -112,17 +182,24 @@ def build_report(runs, problems, results_dir: Path, out: Path, published_path: P
         md += ["**No measured results yet**: no valid record under "
                f"`{results_dir / 'records'}`. Run the harness (ablations/run.py)"
                " and rerun this script.", ""]
-    md += metadata_md(runs)
+    groups = sorted(set(zip(c["setting"], c["hardware"])), key=lambda g: (g[0] != "embedded", g)) if not c.empty else []
+    for setting, hw in groups:    # the answer first: one per setting and hardware
+        hs = slug(hw) if setting == "embedded" else slug(f"{setting} {hw}")
+        ans = answer_md(c[(c["hardware"] == hw) & (c["setting"] == setting)],
+                        runs[(runs["hardware"] == hw) & (runs["setting"] == setting)], hw, out / "figures" / hs, out,
+                        results_dir, wrote, target_fid)
+        if ans:
+            md += [f"## Speed vs FID: {hw}" if setting == "embedded" else f"## Speed vs FID at {SETTINGS[setting]}: {hw}",
+                   ""] + ans
     if not c.empty:
         c.to_csv(out / "cells.csv", index=False)
         runs.to_csv(out / "runs.csv", index=False)
         md += ["Every number below is a mean ± std over seeds (n = seeds) of runs on the **same hardware**; "
                "runs on different hardware are never averaged together. Raw data: [runs.csv](runs.csv) "
                "(one row per record), [cells.csv](cells.csv) (one row per cell).", ""]
-    groups = sorted(set(zip(c["setting"], c["hardware"])), key=lambda g: (g[0] != "embedded", g)) if not c.empty else []
     for setting, hw in groups:    # one section per setting and hardware: never averaged or mixed
-        ch = c[(c["hardware"] == hw) & (c["setting"] == setting)]
-        rh = runs[(runs["hardware"] == hw) & (runs["setting"] == setting)]
+        ch = cg[(cg["hardware"] == hw) & (cg["setting"] == setting)] if not cg.empty else cg
+        rh = grid_runs[(grid_runs["hardware"] == hw) & (grid_runs["setting"] == setting)]
         hs = slug(hw) if setting == "embedded" else slug(f"{setting} {hw}")
         md += [f"## Measured: {hw}" if setting == "embedded" else f"## Measured at {SETTINGS[setting]}: {hw}", ""]
         for axis in AXES:
@@ -142,24 +219,10 @@ def build_report(runs, problems, results_dir: Path, out: Path, published_path: P
                    f"[Markdown]({_rel(base.with_suffix('.md'), out)}) · [LaTeX]({_rel(base.with_suffix('.tex'), out)})",
                    ""]
         md += ["### Figures", ""]
-        for name, title, fn in (("speed_vs_fid", "Speed vs FID, Pareto front dashed", lambda b: figures.speed_fid(ch, b)),
-                                ("speed_vs_fid_detail", "Speed vs FID-detail, Pareto front dashed",
-                                 lambda b: figures.speed_fid(ch, b, "fid_detail")),
-                                ("fid_vs_steps", "FID vs MAR steps per family", lambda b: figures.fid_steps(rh, ch, b)),
-                                ("stage_times", "Time per stage", lambda b: figures.stages(ch, b)),
+        for name, title, fn in (("fid_vs_steps", "FID vs MAR steps per family", lambda b: figures.fid_steps(rh, ch, b)),
                                 ("sample_grids", "Samples by family (first seed of each family and step count)",
                                  lambda b: figures.sample_grids(rh, results_dir, b))):
-            try:
-                paths = fn(out / "figures" / hs / name)
-            except Exception as e:  # a plotting failure must not cost the rest of the report
-                figures.close_all()
-                log(f"figure {name} ({hw}) skipped: {type(e).__name__}: {e}")
-                paths = None
-            if not paths:
-                md += [f"_{title}: no data_", ""]
-                continue
-            wrote["figures"] += paths
-            md += [f"![{title}]({_rel(paths[0], out)})", "", f"{title} ([PDF]({_rel(paths[1], out)}))", ""]
+            _figure(wrote, md, name, title, fn, out / "figures" / hs, hw, out)
     grids = write_grid_pages(runs, results_dir, out)
     wrote["grids"] = [p for _, p in grids]
     if grids:
@@ -171,6 +234,7 @@ def build_report(runs, problems, results_dir: Path, out: Path, published_path: P
     if problems:
         md += ["## Malformed records (skipped)", ""] + [f"- `{p}`" for p in problems] + [""]
     md += published_md(published_path, c)
+    md += metadata_md(runs)
     (out / "report.md").write_text("\n".join(md))
     for page in [out / "report.md", *wrote["grids"], *[p for p in wrote["tables"] if p.suffix == ".md"]]:
         page.with_suffix(".html").write_text(md_to_html(page.read_text(), title=page.stem))

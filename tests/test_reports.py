@@ -234,12 +234,16 @@ def is_png(p: Path, min_bytes=2000):
 def test_figures_written(built):
     _, out, _, _ = built
     for hw in (L.hardware_label({"cpu_model": CPU}), L.hardware_label({"cpu_model": CPU, "gpu_name": "Test GPU H1"})):
-        for name in ("speed_vs_fid", "fid_vs_steps", "stage_times"):
+        for name in ("fronts", "fronts_detail", "fid_vs_steps", "stage_times"):
             base = out / "figures" / page.slug(hw) / name
             assert is_png(base.with_suffix(".png")), base
             assert base.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
     report = (out / "report.md").read_text()
-    assert report.count("![") >= 6 and "speed_vs_fid.png" in report
+    assert report.count("![") >= 6 and "fronts.png" in report
+    # the answer first (fronts, speed at equal FID), the run metadata last
+    heads = re.findall(r"^## (.*)$", report, re.M)
+    assert heads[0].startswith("Speed vs FID: ") and heads[-1] == "Run metadata"
+    assert report.index("**Speed at equal FID**") < report.index("## Measured: ")
     # the sample grids by family: only where a record's grid file exists (two records have one)
     panels = sorted(out.glob("figures/*/sample_grids.png"))
     assert panels and all(is_png(p) for p in panels) and "sample_grids.png" in report

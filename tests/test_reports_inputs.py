@@ -130,28 +130,6 @@ def test_records_that_predate_an_axis_read_as_its_off_value(tmp_path):
     assert not problems and sorted(runs["head_sampler"].fillna("-")) == ["-", "ddim", "ddpm"]
 
 
-def test_speed_vs_fid_labels_each_point_with_its_accelerations(tmp_path, monkeypatch):
-    """Cells sampled with an acceleration axis are labelled by it on the speed-vs-FID plot (and
-    get their own marker); today's sampler is labelled by its MAR steps alone."""
-    from d2c_reports import figures
-    recs = [record(family="mar", steps=16, seed=0), record(family="mar", steps=16, seed=1, fid=11.0),
-            record(family="llamagen", steps=None, fid=3.0)]
-    recs[1]["cell_id"] += "-accel"
-    recs[1]["config"].update(head_sampler="ddim", diffusion_steps_last=5, uncond_refresh=2, precision="bf16")
-    for r in recs:
-        write_record(tmp_path, r)
-    runs, problems = L.load(tmp_path)
-    c = L.cells(runs)
-    assert not problems and sorted(figures.accel_text(r) for _, r in c.iterrows()) == ["", "", "\u21925 ddim u2 bf16"]
-    figs = []
-    monkeypatch.setattr(figures, "_save", lambda fig, base: figs.append(fig) or [base])
-    figures.speed_fid(c, tmp_path / "f")
-    texts = sorted(t.get_text() for t in figs[0].axes[0].texts)
-    assert texts == ["16", "16 \u21925 ddim u2 bf16"]
-    legend = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
-    assert "default" in legend and "\u21925 ddim u2 bf16" in legend
-
-
 def test_imagenet_cells_in_their_own_section_beside_the_published_rows(tmp_path):
     """recipe=imagenet records never share a table or figure with the embedded default: their own
     section per hardware, and a labelled table after the published numbers."""

@@ -6,6 +6,7 @@
                  (d2c.recipes), cell_id and train_key
     sweep.py     command-line overrides -> the plan (every cell composed, resolved and keyed)
     cell.py      one cell: train or find its stages, sample, measure, write its record; the summary
+    search.py    search=front: each family's speed-vs-FID front over its sampler settings (Optuna)
 """
 from .cell import (PREPARE, base_record, cell_work, failed_record, prepare_cell, print_summary, record_env, run_cell,
                    summary_table)
@@ -13,6 +14,9 @@ from .resolved import build_recipe, describe, keys, resolve, sampler_of
 from .schema import (DATA_OPTIONS, FILE_KEYS, GPT_PRESETS, KEYS, KNOB_KEYS, MAR_PRESETS, RULES,
                      ConfigError, RunConfig, allowed, check_results_dir, check_results_tree, check_target,
                      family_of, register_configs)
+from .search import SEARCH_RULES, SearchConfig, run_search
+from .search import bases as search_bases
+from .search import split_args as split_search_args
 from .sweep import DEFAULT_SWEEP, compose_cell, expand, hydra_error, plan
 
 __all__ = ["PREPARE", "base_record", "cell_work", "failed_record", "prepare_cell", "print_summary", "record_env",
@@ -20,4 +24,4 @@ __all__ = ["PREPARE", "base_record", "cell_work", "failed_record", "prepare_cell
            "DATA_OPTIONS", "FILE_KEYS", "GPT_PRESETS", "KEYS", "KNOB_KEYS", "MAR_PRESETS", "RULES",
            "ConfigError", "RunConfig", "allowed", "check_results_dir", "check_results_tree",
            "check_target", "family_of", "register_configs", "DEFAULT_SWEEP", "compose_cell",
-           "expand", "hydra_error", "plan"]
+           "expand", "hydra_error", "plan", "SEARCH_RULES", "SearchConfig", "run_search", "search_bases", "split_search_args"]

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 FAULTS = ("raise", "exit", "raise_if_seed_mod5")
 # Hydra instantiates `_target_` classes (launcher, sweeper): only ours, Hydra's built-in ones and d2c's
 TARGET_PREFIXES = ("d2c.", "hydra_plugins.d2c_ablations.", "hydra._internal.core_plugins.")
-RESULT_SUBDIRS = ("records", "grids", "ckpt", "cache", "hydra", "samples")   # what a sweep writes under results_dir
+RESULT_SUBDIRS = ("records", "grids", "ckpt", "cache", "hydra", "samples", "searches")   # what a sweep writes under results_dir
 GPT_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "gpt")
 MAR_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "mar")
 KL_PRESETS = tuple(p for p in PRESETS if preset_kind(p) == "kl")

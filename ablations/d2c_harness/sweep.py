@@ -80,16 +80,24 @@ def task_args(args: list[str]) -> list[str]:
 def expand(args: list[str]) -> list[list[str]]:
     """Override lists of every cell: the cross product of the sweep overrides, or, when no axis is
     given, the embedded-default comparison (DEFAULT_SWEEP) under the other overrides.
-    (`run.py cfg=2 num_images=200` is the default comparison at cfg 2 with 200 images.)"""
+    (`run.py cfg=2 num_images=200` is the default comparison at cfg 2 with 200 images.)
+    Across a sweep of several models the fusion group and its knobs apply to the D2C cells only
+    (`model=mar,d2c fusion=cross_attn`: MAR, and D2C with cross-attention); a single non-D2C
+    model with a fusion is an error (resolve)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     overrides = parse(task_args(args))
     check_keys(overrides)
     given = {o.get_key_element() for o in overrides}   # a fusion knob alone keeps the default sweep
     groups = [()] if given & set(DEFAULT_AXES) else DEFAULT_SWEEP
+    models_swept = any(o.get_key_element() == "model" and o.is_sweep_override() for o in overrides)
     cells = []
     for g in groups:
         ovs = parse(list(g)) + overrides
-        cells.extend(BasicSweeper.split_arguments(ovs, None)[0])
+        for cell in BasicSweeper.split_arguments(ovs, None)[0]:
+            model = [o.partition("=")[2] for o in cell if o.partition("=")[0] == "model"]
+            if models_swept and model and model[-1] != "d2c":
+                cell = [o for o in cell if o.partition("=")[0].lstrip("+~").split(".")[0] != "fusion"]
+            cells.append(cell)
     return cells
 
 
