@@ -6,7 +6,7 @@ two seeds or more (search=front confirms its front so); a family's front is draw
 confirmed points, or over all of them (marked "one seed") when none is confirmed.  Speed at equal
 FID: the target is the best FID on the slowest family's front (or --target-fid); for each family
 the fastest front point within the seed spread of it (FID <= target + pooled seed std), and its
-speed over the slowest family's point.
+speed over the slowest family's point.  Where some fronts are confirmed, only those are compared.
 """
 from __future__ import annotations
 
@@ -107,18 +107,22 @@ def equal_quality(p: pd.DataFrame, metric: str = "fid", target: float | None = N
     if f.empty:
         return pd.DataFrame(), None, 0.0, None
     spread = seed_spread(p, metric)
-    fastest = f.groupby("group")[SPEED].max()
+    judged = f[~f["one_seed"]] if (~f["one_seed"]).any() else f   # confirmed fronts, where there are some
+    fastest = judged.groupby("group")[SPEED].max()
     ref = fastest.idxmin()                        # the slowest family
     if target is None:
         target = float(f.loc[f["group"] == ref, metric].min())
     rows, picks = [], {}
-    for g, d in f.groupby("group", sort=False):
+    for g, d in judged.groupby("group", sort=False):
         ok = d[d[metric].astype(float) <= target + spread]
         if len(ok):
             picks[g] = ok.sort_values(SPEED, ascending=False).iloc[0]
     for g, d in f.groupby("group", sort=False):
         best = d.loc[d[metric].astype(float).idxmin()]
         r = picks.get(g)
+        if g not in set(judged["group"]):
+            rows.append({"family": g, "point": "–", "settings": "one seed only: not compared"})
+            continue
         row = {"family": g, "point": r["id"] if r is not None else "–",
                "settings": r["settings"] if r is not None else f"none within (best {best[metric]:.2f}, {best['id']})",
                METRIC_NAMES.get(metric, metric): _pm(r, metric), "img/s": _pm(r, SPEED),

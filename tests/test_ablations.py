@@ -57,6 +57,24 @@ def records(rd):
     return read_records(rd, on_bad=lambda e: pytest.fail(str(e)))
 
 
+def kill_when(args: list[str], ready, timeout: float, what: str) -> None:
+    """Start a command in its own session and SIGKILL it (all its processes) once ready() holds."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if ready():
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"{what} within {timeout} s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def trained(out: str) -> list[str]:
     return re.findall(r"^(?:\[[^]]*\] )?training (\S+) ->", out, re.M)
 
@@ -128,20 +146,7 @@ def test_resume_after_sigkill(tmp_path, metrics_cache):
     from that checkpoint and writes exactly one whole record."""
     rd = _results(tmp_path, metrics_cache)
     args = [sys.executable, str(RUN), "model=mar", "steps=2", "train_steps=30", *TINY, f"results_dir={rd}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if list(rd.glob("ckpt/kl-*/step_*/state.pt")):
-                break
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(0.2)
-        else:
-            pytest.fail("no checkpoint within 240 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when(args, lambda: list(rd.glob("ckpt/kl-*/step_*/state.pt")), 240, "no checkpoint")
     assert not (rd / "records").exists() or not list((rd / "records").iterdir())
     p = run(["model=mar", "steps=2", "train_steps=30", *TINY], rd)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -91,6 +91,12 @@ def test_paper_scale_files_checked_before_anything_runs(tmp_path, paper_files):
         assert not rd.exists() or not any(rd.rglob("*.json")), extra
     p = run(["--plan", "model=d2c", *args], tmp_path / "r")      # the protocol's 50 a class by default
     assert p.returncode == 0 and '"num_images": 50000' in p.stdout, p.stderr[-2000:]
+    # the fronts search, unchanged at paper scale: a base per family, the space from its presets
+    p = run(["-m", "search=front", "model=mar,d2c", "fusion=cross_attn", "budget=40", "--plan", *args], tmp_path / "r")
+    bases = [ln for ln in p.stdout.splitlines() if ln.startswith("search ")]
+    assert p.returncode == 0 and len(bases) == 2 and all("budget 40" in b and "steps in [1, 2, 4, 8, 16, 32, 64]" in b
+                                                         for b in bases), p.stdout + p.stderr[-2000:]
+    assert "model=d2c fusion=cross_attn" in bases[1] and not (tmp_path / "r" / "records").exists()
     p = run(["model=d2c", "recipe=small", f"tokenizer.kl={d / 'kl16.ckpt'}"], tmp_path / "r")
     assert p.returncode == 2 and "only recipe=imagenet loads files" in p.stderr
     p = run(["model=d2c", *[a for a in args if not a.startswith("data")]], tmp_path / "r")

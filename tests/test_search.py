@@ -2,18 +2,14 @@
 ordinary cells, the Pareto front against brute force, the one-line errors, and a tiny search end
 to end, killed mid-way and resumed."""
 import json
-import os
 import random
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from test_ablations import RUN, TINY, _env, _results, metrics_cache, records, run  # noqa: F401 (fixture)
+from test_ablations import RUN, TINY, _results, kill_when, metrics_cache, records, run  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ablations"))
@@ -50,18 +46,28 @@ def test_bases_spaces_and_the_default_proposal(hydra_dir):
     assert [b["config"]["model"] for b in bases] == ["mar", "d2c"] and bases[1]["config"]["fusion"] == "cross_attn"
     mar, d2c = (b["space"] for b in bases)
     assert "stage1_temperature" not in mar and "stage1_temperature" in d2c
-    assert mar["steps"] == [4, 8, 16, 32, 64] and mar["diffusion_steps"] == [2, 3, 5, 10, 20]   # 64 tokens, head 20
+    assert mar["steps"] == [1, 2, 4, 8, 16, 32, 64] and mar["diffusion_steps"] == [2, 3, 5, 10, 20]   # 64 tokens, head 20
     for b in bases:
         default = H.plan([f"model={b['config']['model']}", *([f"fusion={b['config']['fusion']}"] * (b is bases[1])),
                           *TINY])[0]
         assert S.cell_of(b, S.settings_of(b, S.default_params(b)))["cell_id"] == default["cell_id"]
     llamagen = H.search_bases(["model=llamagen", "cfg=2.0", *TINY])[0]["space"]
-    assert sorted(llamagen) == ["precision", "stage1_temperature"]   # cfg fixed on the command line
+    assert sorted(llamagen) == ["precision", "stage1_temperature"][not S._bf16(None):]   # cfg fixed on the command line
+    # bf16 only where the device has the units for it (a cell elsewhere would be refused)
+    assert ("precision" in mar) == S._bf16(None) and S._bf16("cuda")
+    # unguided, the unconditional half never runs: its refresh period is no setting of its own
+    b = bases[0]
+    params = {**S.default_params(b), "cfg": b["space"]["cfg"].index(1.0), "uncond_refresh": 2}
+    assert S.settings_of(b, params)["uncond_refresh"] is None
+    params["cfg"] = b["space"]["cfg"].index(2.0)
+    assert S.settings_of(b, params)["uncond_refresh"] == 4
     # the space at ImageNet scale: 256 tokens, MAR-B's 100 head steps
     facts = {"tokens": 256, "head_steps": 100}
-    assert S.SPACE["steps"](facts) == (16, 32, 64, 128, 256) and S.SPACE["diffusion_steps"](facts)[-1] == 100
+    assert S.SPACE["steps"](facts) == (4, 8, 16, 32, 64, 128, 256) and S.SPACE["diffusion_steps"](facts)[-1] == 100
     with pytest.raises(H.ConfigError, match=r"^steps=8,16: search=front searches"):
         H.search_bases(["model=mar", "steps=8,16", *TINY])
+    with pytest.raises(H.ConfigError, match=r"^seed=0,1: a search samples at one seed"):
+        H.search_bases(["model=mar", "seed=0,1", *TINY])
 
 
 def test_every_value_of_the_space_is_a_valid_cell(hydra_dir):
@@ -99,20 +105,8 @@ def test_tiny_search_killed_then_resumed(tmp_path, metrics_cache):
     third run launches nothing.  Its cells are ordinary cells (a grid sweep sees them done)."""
     rd = _results(tmp_path, metrics_cache)
     args = ["-m", "search=front", "model=mar", "budget=4", *TINY, f"results_dir={rd}"]
-    proc = subprocess.Popen([sys.executable, str(RUN), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=_env(), cwd=REPO, start_new_session=True)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            if len(list(rd.glob("records/*.json"))) >= 2:
-                break
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(0.2)
-        else:
-            pytest.fail("no second record within 400 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when([sys.executable, str(RUN), *args], lambda: len(list(rd.glob("records/*.json"))) >= 2, 400,
+              "no second record")
     before = {p.name: p.stat().st_mtime_ns for p in rd.glob("records/*.json")}
     (state,) = rd.glob("searches/*.json")
     assert 2 <= len(json.loads(state.read_text())["trials"]) <= 3

@@ -61,14 +61,17 @@ SEARCH_RULES = {
 }
 
 # The searched values of each sampler setting (an ordered list: TPE models the index as a number).
-# MAR steps: powers of two from 1/16 of the tokens to all of them (MAR's 64 of 256 at ImageNet).
+# MAR steps: powers of two from 1/64 of the tokens to all of them (MAR's 64 of 256 at ImageNet; on
+# the embedded default every front point sat at 1/16, the floor of a first space).
 # Head steps: up to the preset's count (MAR's 100 at ImageNet).  DiSA: the head's steps fall to
 # this fraction of them by the last MAR iteration (1: constant).  Guidance and temperatures
-# bracket MAR-B's 2.9 / 1.0 and LlamaGen GPT-B's 2.0 / 1.0 (docs/design.md section 3).
-MAR_STEPS = (4, 8, 16, 32, 64, 128, 256)
+# bracket MAR-B's 2.9 / 1.0 and LlamaGen GPT-B's 2.0 / 1.0 (docs/design.md section 3).  bf16 only
+# where the cell's device has the units for it (d2c.precision.bf16_supported: a CUDA device, a
+# CPU with AVX512-BF16 / AMX); elsewhere the cell would be refused.
+MAR_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 HEAD_STEPS = (2, 3, 5, 10, 25, 50, 100)
 SPACE = {
-    "steps": lambda base: tuple(s for s in MAR_STEPS if base["tokens"] // 16 <= s <= base["tokens"]),
+    "steps": lambda base: tuple(s for s in MAR_STEPS if base["tokens"] // 64 <= s <= base["tokens"]),
     "diffusion_steps": lambda base: tuple(sorted({s for s in HEAD_STEPS if s < base["head_steps"]}
                                                  | {base["head_steps"]})),
     "diffusion_steps_last": lambda base: (1.0, 0.5, 0.2),
@@ -77,7 +80,7 @@ SPACE = {
     "cfg": lambda base: (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0),
     "temperature": lambda base: (0.8, 0.9, 1.0, 1.1, 1.2),
     "stage1_temperature": lambda base: (0.8, 0.9, 1.0, 1.1, 1.2),
-    "precision": lambda base: ("fp32", "bf16"),
+    "precision": lambda base: ("fp32", "bf16") if base["bf16"] else ("fp32",),
 }
 
 
@@ -126,6 +129,10 @@ def bases(args: list[str]) -> list[dict]:
                                   message=f"{o.input_line}: search=front searches the sampler settings; "
                                           f"give {key} one value to fix it, or leave it out to search it")
             fixed.add(key)
+        if key == "seed" and o.is_sweep_override():
+            raise ConfigError("seed", o.input_line.partition("=")[2],
+                              message=f"{o.input_line}: a search samples at one seed (its front is confirmed at "
+                                      "the next one)")
     out, seen = [], set()
     for cell in plan(args):
         overrides = _drop(cell["overrides"], set(SPACE) - fixed)
@@ -135,16 +142,27 @@ def bases(args: list[str]) -> list[dict]:
         seen.add(base_cell["cell_id"])
         c = base_cell["config"]
         fam = family_of(c)
-        facts = {"tokens": 0, "head_steps": 0}
+        facts = {"tokens": 0, "head_steps": 0, "bf16": _bf16(c["device"])}
         if fam.has_stage2:
             _, mar = _stage2_preset(c)
-            facts = {"tokens": mar.seq_len, "head_steps": mar.diffusion_steps}
+            facts.update(tokens=mar.seq_len, head_steps=mar.diffusion_steps)
         space = {k: list(SPACE[k](facts)) for k in SPACE if k not in fixed and runs(k, fam)
                  and not (k == "stage1_temperature" and not fam.has_stage1)}
         space = {k: v for k, v in space.items() if len(v) > 1}
         sid = stable_hash({"base": base_cell["cell_id"], "space": space})
         out.append({**base_cell, "overrides": overrides, "space": space, "facts": facts, "search_id": sid})
     return out
+
+
+def _bf16(device) -> bool:
+    """Whether the cells' device samples in bf16 (device=null: CUDA when this machine has it; a
+    search planned off the GPU node it runs on names device=cuda to search bf16)."""
+    import torch
+    from d2c.precision import bf16_supported
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return True   # planned off the GPU node: the cell's device checks bf16 when it runs
+    return bf16_supported(device)
 
 
 def settings_of(base: dict, params: dict) -> dict:
@@ -159,6 +177,8 @@ def settings_of(base: dict, params: dict) -> dict:
         head = s.get("diffusion_steps") or base["config"]["diffusion_steps"] or base["facts"]["head_steps"]
         last = max(1, round(head * frac))
         s["diffusion_steps_last"] = None if frac == 1.0 or last >= head else last
+    if s.get("uncond_refresh") is not None and s.get("cfg", base["config"]["cfg"]) == 1.0:
+        s["uncond_refresh"] = None   # unguided (MAR samples no unconditional half): nothing to refresh
     return s
 
 
