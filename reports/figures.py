@@ -17,8 +17,8 @@ from d2c_reports.load import STAGES, config_columns, family_rank, order_key  # n
 from d2c_reports.tables import value_text  # noqa: E402
 
 # Fixed family colours (seaborn "colorblind"), the same in every figure.
-PALETTE = {"llamagen": "#d55e00", "mar": "#0173b2", "d2c_cross_attn": "#de8f05", "d2c_qformer": "#029e73"}
-EXTRA_COLOURS = ("#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9")
+PALETTE = {"llamagen": "#cc78bc", "mar": "#0173b2", "d2c_cross_attn": "#de8f05", "d2c_qformer": "#029e73"}
+EXTRA_COLOURS = ("#d55e00", "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9")
 STAGE_COLOURS = ("#56b4e9", "#0173b2", "#949494")
 def theme() -> None:
     sns.set_theme(style="whitegrid")
@@ -204,12 +204,22 @@ def fronts(p: pd.DataFrame, base: Path, metric: str = "fid") -> list[Path] | Non
                     ls="--" if one else "-", marker="o", ms=5, capsize=2, zorder=3,
                     label=g + (" (one seed)" if one else ""))
     ax.scatter([], [], s=14, color="grey", alpha=0.35, lw=0, label="every setting run (faint)")
-    x = p[SPEED].astype(float)
-    if x.max() / x.min() > 4:
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    # the axes frame the fronts (faint points far above them are cut); log where values span decades
+    lo = (f[metric] - f[f"{metric}_std"].fillna(0)).astype(float).min()
+    hi = (f[metric] + f[f"{metric}_std"].fillna(0)).astype(float).max()
+    lo = lo if lo > 0 else f[metric].astype(float).min()
+    for axis, v in ((ax.xaxis, p[SPEED]), (ax.yaxis, f[metric])):
+        v = v.astype(float)
+        if v.min() > 0 and v.max() / v.min() > (4 if axis is ax.xaxis else 8):
+            (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
+            axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda t, _: f"{t:g}"))
+    if ax.get_yscale() == "log":
+        ax.set_ylim(lo / 1.4, hi * 1.4)
+    else:
+        pad = 0.12 * (hi - lo) or 1.0
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
     name = METRIC_NAMES.get(metric, metric)
     ax.set(xlabel="images per second (higher is better)", ylabel=f"{name} (lower is better)",
            title=f"Speed vs {name}: each family's front over its sampler settings")

@@ -4,9 +4,10 @@
 A point is a cell with its seeds averaged (load.cells).  A point is *confirmed* when it ran with
 two seeds or more (search=front confirms its front so); a family's front is drawn over its
 confirmed points, or over all of them (marked "one seed") when none is confirmed.  Speed at equal
-FID: the target is the best FID on the slowest family's front (or --target-fid); for each family
-the fastest front point within the seed spread of it (FID <= target + pooled seed std), and its
-speed over the slowest family's point.  Where some fronts are confirmed, only those are compared.
+FID: the target is the best FID of the weakest family, a quality every family reaches (or
+--target-fid); for each family the fastest front point within the seed spread of it (FID <=
+target + pooled seed std), and its speed over the slowest of those points.  Where some fronts
+are confirmed, only those are compared.
 """
 from __future__ import annotations
 
@@ -102,21 +103,23 @@ def seed_spread(p: pd.DataFrame, metric: str) -> float:
 
 def equal_quality(p: pd.DataFrame, metric: str = "fid", target: float | None = None):
     """(table, target, spread, reference group): per group, the fastest front point whose metric
-    is within the seed spread of the target, and its speed over the reference group's point."""
+    is within the seed spread of the target, and its speed over the slowest such point's (the
+    reference group's)."""
     f = fronts(p, metric)
     if f.empty:
         return pd.DataFrame(), None, 0.0, None
     spread = seed_spread(p, metric)
     judged = f[~f["one_seed"]] if (~f["one_seed"]).any() else f   # confirmed fronts, where there are some
-    fastest = judged.groupby("group")[SPEED].max()
-    ref = fastest.idxmin()                        # the slowest family
-    if target is None:
-        target = float(f.loc[f["group"] == ref, metric].min())
+    if target is None:     # the best of the weakest family: a quality every family reaches
+        target = float(judged.groupby("group")[metric].min().max())
     rows, picks = [], {}
     for g, d in judged.groupby("group", sort=False):
         ok = d[d[metric].astype(float) <= target + spread]
         if len(ok):
             picks[g] = ok.sort_values(SPEED, ascending=False).iloc[0]
+    if not picks:
+        return pd.DataFrame(), target, spread, None
+    ref = min(picks, key=lambda g: picks[g][SPEED])   # the slowest family there
     for g, d in f.groupby("group", sort=False):
         best = d.loc[d[metric].astype(float).idxmin()]
         r = picks.get(g)

@@ -130,9 +130,12 @@ def answer_md(ch: pd.DataFrame, rh: pd.DataFrame, hw: str, figs: Path, out: Path
         t, tgt, spread, ref = F.equal_quality(p, metric, target if metric == "fid" else None)
         if t.empty:
             continue
-        md += [f"**Speed at equal {name}**: target {name} {tgt:.2f} (the best on the front of {ref}, the "
-               f"slowest family{'; given' if target is not None and metric == 'fid' else ''}), within the pooled "
-               f"seed std {spread:.2f}; for each family its fastest front point there.", "", md_table(t)]
+        why = "given" if target is not None and metric == "fid" else "the best of the weakest family: every family reaches it"
+        md += [f"**Speed at equal {name}**: target {name} {tgt:.2f} ({why}), within the pooled seed std "
+               f"{spread:.2f}; for each family its fastest front point there, and its speed over {ref}'s.", "",
+               md_table(t)]
+        if metric == "fid_detail":
+            md += [f"**The {name} fronts' points** (ids of the {name} figure):", "", md_table(F.front_table(p, metric))]
         if metric == "fid":
             picks = t[t["point"] != DASH]
             front = F.fronts(p, metric)

@@ -70,8 +70,9 @@ def test_equal_fid_matches_its_definition(tmp_path, case):
     stds = p.loc[p["n"] >= 2, "fid_std"].dropna()
     assert spread == pytest.approx(math.sqrt((stds ** 2).mean()) if len(stds) else 0.0)
     judged = f[~f["one_seed"]] if (~f["one_seed"]).any() else f   # confirmed fronts only, where there are some
-    slowest = judged.groupby("group")[F.SPEED].max().idxmin()
-    assert ref == slowest and target == pytest.approx(f.loc[f["group"] == ref, "fid"].min())
+    assert target == pytest.approx(max(judged.loc[judged["group"] == g, "fid"].min() for g in set(judged["group"])))
+    picks = {g: d[d["fid"] <= target + spread][F.SPEED].max() for g, d in judged.groupby("group")}
+    assert ref == min(picks, key=picks.get)   # every family reaches the target: the slowest one there
     for _, row in table.iterrows():
         if row["family"] not in set(judged["group"]):
             assert row["settings"] == "one seed only: not compared"
@@ -82,8 +83,9 @@ def test_equal_fid_matches_its_definition(tmp_path, case):
             continue
         best = d.loc[d[F.SPEED].idxmax()]
         assert row["point"] == best["id"]
-        refpick = f[(f["group"] == ref) & (f["fid"] <= target + spread)][F.SPEED].max()
-        assert row[f"speed vs {ref}"] == f"{best[F.SPEED] / refpick:.2f}x"
+        assert row[f"speed vs {ref}"] == f"{best[F.SPEED] / picks[ref]:.2f}x"
+    given, *_ = F.equal_quality(p, "fid", target=1e-3)   # a target no family reaches
+    assert given.empty
 
 
 def test_front_over_confirmed_points_only(tmp_path):
