@@ -45,13 +45,13 @@ def searched_cells(results_dir) -> set[str]:
     return out
 
 
-def settings_text(row) -> str:
+def settings_text(row, skip=()) -> str:
     """The sampler settings of a point that differ from its family's default, as the overrides
     that reproduce it (`steps=8 diffusion_steps=10`); "default" for the default sampler."""
     model = row.get("model")
     default = SamplerConfig().for_family(model) if model in ("d2c", "mar", "llamagen") else SamplerConfig()
     parts = []
-    for k in SAMPLER_KEYS:
+    for k in (k for k in SAMPLER_KEYS if k not in skip):
         col = sampler_column(k)
         if col not in row.index:
             continue
@@ -59,6 +59,20 @@ def settings_text(row) -> str:
         if value_text(None if pd.isna(v) else v) != value_text(d):
             parts.append(f"{k}={value_text(v)}".replace("=–", "=null"))
     return " ".join(parts) or "default"
+
+
+def steps_sweep(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of each family's MAR-steps sweep: those whose other sampler settings are the ones
+    that ran at the most step counts (the default sampler first on a tie)."""
+    if runs.empty:
+        return runs
+    other = runs.apply(settings_text, axis=1, skip=("steps",))
+    steps = runs["steps"] if "steps" in runs else pd.Series(None, index=runs.index)
+    counts = pd.DataFrame({"family": runs["family"], "other": other, "steps": steps}) \
+        .groupby(["family", "other"], dropna=False)["steps"].nunique(dropna=False).reset_index()
+    counts["rank"] = list(zip(-counts["steps"], counts["other"] != "default"))
+    base = counts.sort_values("rank", kind="stable").drop_duplicates("family").set_index("family")["other"]
+    return runs[other == runs["family"].map(base)]
 
 
 def points(c: pd.DataFrame) -> pd.DataFrame:

@@ -154,8 +154,9 @@ def answer_md(ch: pd.DataFrame, rh: pd.DataFrame, hw: str, figs: Path, out: Path
                                        results_dir / str(first["grid"])))
             _figure(wrote, md, "equal_fid_samples", f"Samples of the points at equal {name} (first seed)",
                     lambda b: figures.grid_panels(panels, b), figs, hw, out)
-            _figure(wrote, md, "stage_times", "Time per stage of the front's points",
-                    lambda b: figures.stages(front, b), figs, hw, out)
+            compared = front[~front["one_seed"]] if (~front["one_seed"]).any() else front
+            _figure(wrote, md, "stage_times", "Time per stage of the compared fronts' points",
+                    lambda b: figures.stages(compared, b), figs, hw, out)
     return md
 
 
@@ -222,9 +223,12 @@ def build_report(runs, problems, results_dir: Path, out: Path, published_path: P
                    f"[Markdown]({_rel(base.with_suffix('.md'), out)}) · [LaTeX]({_rel(base.with_suffix('.tex'), out)})",
                    ""]
         md += ["### Figures", ""]
-        for name, title, fn in (("fid_vs_steps", "FID vs MAR steps per family", lambda b: figures.fid_steps(rh, ch, b)),
+        rs = F.steps_sweep(rh)   # each family's steps sweep (the other settings of the most step counts)
+        cs = cells(rs)
+        for name, title, fn in (("fid_vs_steps", "FID vs MAR steps per family",
+                                 lambda b: figures.fid_steps(rs, cs, b)),
                                 ("sample_grids", "Samples by family (first seed of each family and step count)",
-                                 lambda b: figures.sample_grids(rh, results_dir, b))):
+                                 lambda b: figures.sample_grids(rs, results_dir, b))):
             _figure(wrote, md, name, title, fn, out / "figures" / hs, hw, out)
     grids = write_grid_pages(runs, results_dir, out)
     wrote["grids"] = [p for _, p in grids]

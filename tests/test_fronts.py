@@ -129,3 +129,18 @@ def test_fronts_figure_labels_never_overlap_and_the_legend_is_outside(tmp_path, 
     ticks = [t for t in ax.get_xticklabels() if t.get_text()]
     tb = sorted((t.get_window_extent(renderer) for t in ticks), key=lambda b: b.x0)
     assert all(a.x1 <= b.x0 for a, b in zip(tb, tb[1:]))   # tick labels side by side, never on each other
+
+
+def test_steps_sweep_is_the_setting_run_at_most_step_counts(tmp_path):
+    """FID vs MAR steps draws each family's steps sweep, not a search's one-off settings (even one
+    confirmed with two seeds)."""
+    recs = [_rec("mar", s, 0, 10.0, 5.0, cfg=3.0) for s in (8, 16, 64)]
+    recs += [_rec("mar", 4, seed, 9.0, 30.0, cfg=2.5, temperature=0.8) for seed in (0, 1)]
+    recs += [_rec("d2c_cross_attn", s, 0, 8.0, 4.0, cfg=4.0) for s in (16, 64)]
+    recs += [_rec("d2c_cross_attn", 2, 0, 7.0, 20.0, cfg=2.0)]
+    for r in recs:
+        write_record(tmp_path, r)
+    runs, _ = L.load(tmp_path)
+    got = F.steps_sweep(runs)
+    assert sorted(zip(got["family"], got["steps"])) == [("d2c_cross_attn", 16), ("d2c_cross_attn", 64),
+                                                        ("mar", 8), ("mar", 16), ("mar", 64)]
