@@ -128,3 +128,17 @@ def test_tiny_search_killed_then_resumed(tmp_path, metrics_cache):
     assert len(records(rd)) == len(recs)
     plan = run(["model=mar", "--plan", *TINY], rd)   # the default proposal is the plain sweep's cell
     assert plan.returncode == 0 and re.search(rf"\[done\] {st['trials'][0]['cell_id']}", plan.stdout), plan.stdout
+
+
+def test_a_batch_of_proposals_is_distinct_cells(hydra_dir, tmp_path):
+    """search_batch=K: K proposals at once, the default sampler first, no cell twice (TPE's
+    constant liar keeps pending proposals apart); reproducible from the same state."""
+    from d2c_harness import search as S
+    (b,) = hydra_dir.search_bases(["model=d2c", "fusion=cross_attn", *TINY, f"results_dir={tmp_path}"])
+    st = S.load_state(b)
+    first = S._propose(b, st, 4)
+    ids = [t["cell_id"] for t in first]
+    assert len(set(ids)) == 4 and first[0]["params"] == S.default_params(b)
+    st["trials"] += [{k: t[k] for k in ("params", "settings", "cell_id")} for t in first]
+    a, b2 = S._propose(b, st, 3), S._propose(b, st, 3)
+    assert [t["cell_id"] for t in a] == [t["cell_id"] for t in b2] and not {t["cell_id"] for t in a} & set(ids)

@@ -290,7 +290,7 @@ def _propose(base: dict, st: dict, n: int) -> list[dict]:
         out.append(params)
     if len(out) < n:
         study, dists = _study(base, st, c["results_dir"], base["train_key"])
-        seen = {t["cell_id"] for t in st["trials"]}
+        seen = {t["cell_id"] for t in st["trials"]} | {cell_of(base, settings_of(base, p))["cell_id"] for p in out}
         while len(out) < n:
             for _ in range(50):   # a proposal of a cell already made costs nothing: ask again
                 t = study.ask(dists)
