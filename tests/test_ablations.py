@@ -42,8 +42,7 @@ def metrics_cache(tmp_path_factory):
 
 def _results(tmp_path, metrics_cache, name="results"):
     rd = tmp_path / name
-    rd.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(metrics_cache, rd / "cache", dirs_exist_ok=True)
+    shutil.copytree(metrics_cache, rd / "cache", dirs_exist_ok=True)   # makes rd too
     return rd
 
 
@@ -63,13 +62,10 @@ def kill_when(args: list[str], ready, timeout: float, what: str) -> None:
                             start_new_session=True)
     try:
         deadline = time.time() + timeout
-        while time.time() < deadline:
-            if ready():
-                break
+        while not ready():
             assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, f"{what} within {timeout} s"
             time.sleep(0.2)
-        else:
-            pytest.fail(f"{what} within {timeout} s")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -232,8 +228,7 @@ _bad_value = st.one_of(
     st.tuples(st.just("fusion.d_fuse"), st.integers(1, 1000).filter(lambda v: v % 4).map(str)),   # 4 heads
     st.tuples(st.just("fusion.layers"), st.sampled_from(("[]", "[0,0]", "[-1]", "[3]", "[0,9]", "abc", "[a]", "1.5"))),
     st.tuples(st.sampled_from(("fusion.kind", "fusion.num_heads", "fusion.codebook_size")), st.just("4")),
-    st.tuples(st.sampled_from(("model=mar", "model=llamagen")).map(lambda m: "fusion"),
-              st.sampled_from(("cross_attn", "qformer"))),
+    st.tuples(st.just("fusion"), st.sampled_from(("cross_attn", "qformer"))),
 )
 
 
