@@ -7,27 +7,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from d2c.results import pareto_indices
 from d2c_reports.load import AXES, DASH, METRICS, VARIED_ONLY, config_columns, order_key
 
 def pareto_front(df: pd.DataFrame, x: str, y: str, higher_x: bool = True, lower_y: bool = True) -> pd.DataFrame:
-    """Rows not dominated by any other row (at least as good on both, strictly better on one),
-    sorted by x.  Non-finite points are ignored; exact duplicates of a front point stay on it."""
+    """Rows not dominated by any other row (d2c.results.pareto_indices), sorted by x."""
     xv = pd.to_numeric(df[x], errors="coerce").to_numpy(float) * (1 if higher_x else -1)  # maximise
     yv = pd.to_numeric(df[y], errors="coerce").to_numpy(float) * (1 if lower_y else -1)   # minimise
-    idx = np.flatnonzero(np.isfinite(xv) & np.isfinite(yv))
-    order = idx[np.argsort(-xv[idx], kind="stable")]
-    keep, best, i = [], math.inf, 0  # best: min y over points with strictly larger x
-    while i < len(order):
-        j = i
-        while j < len(order) and xv[order[j]] == xv[order[i]]:
-            j += 1
-        grp = order[i:j]
-        m = yv[grp].min()
-        if m < best:
-            keep.extend(int(g) for g in grp if yv[g] == m)
-        best, i = min(best, m), j
     mask = np.zeros(len(df), bool)
-    mask[keep] = True
+    mask[pareto_indices(xv, yv)] = True
     return df[mask].sort_values(x, kind="stable")
 
 

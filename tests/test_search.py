@@ -86,14 +86,14 @@ def test_every_value_of_the_space_is_a_valid_cell(hydra_dir):
 
 
 def test_front_indices_match_brute_force():
-    from d2c_harness.search import front_indices
+    from d2c.results import pareto_indices
     rng = random.Random(0)
     for _ in range(200):
         pts = [(rng.choice([1.0, 2.0, 3.0, rng.random()]), rng.choice([1.0, 5.0, rng.random()]))
                for _ in range(rng.randint(1, 12))]
         want = {i for i, (f, s) in enumerate(pts)
                 if not any(g <= f and t >= s and (g < f or t > s) for g, t in pts)}
-        got = front_indices(pts)
+        got = pareto_indices([s for _, s in pts], [f for f, _ in pts])
         assert set(got) == want
         assert [pts[i][1] for i in got] == sorted((pts[i][1] for i in got), reverse=True)
 

@@ -29,10 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-
 from d2c.files import atomic_write_text, stable_hash
-from d2c.recipes import PAPER_RECIPES
+from d2c.results import pareto_indices
 from d2c.rules import int_min, or_null
 from d2c.sampling import SAMPLER_KEYS, runs
 
@@ -245,17 +243,6 @@ def outcome(results_dir, cell_id: str, train_key: str):
     return float(r["metrics"]["fid"]), float(r["speed"]["images_per_second"])
 
 
-def front_indices(values: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both FID (lower) and speed (higher)."""
-    v = np.asarray(values, float).reshape(-1, 2)
-    out = []
-    for i, (f, s) in enumerate(v):
-        beaten = ((v[:, 0] <= f) & (v[:, 1] >= s) & ((v[:, 0] < f) | (v[:, 1] > s))).any()
-        if not beaten:
-            out.append(i)
-    return sorted(out, key=lambda i: -v[i, 1])
-
-
 # --------------------------------------------------------------------------- the search
 
 
@@ -283,27 +270,23 @@ def _study(base: dict, st: dict, results_dir, train_key: str):
 
 def _propose(base: dict, st: dict, n: int) -> list[dict]:
     """n new proposals (the default sampler first), each with its planned cell."""
-    c = base["config"]
-    out = []
-    if not st["trials"]:
-        params = default_params(base)
-        out.append(params)
-    if len(out) < n:
-        study, dists = _study(base, st, c["results_dir"], base["train_key"])
-        seen = {t["cell_id"] for t in st["trials"]} | {cell_of(base, settings_of(base, p))["cell_id"] for p in out}
-        while len(out) < n:
-            for _ in range(50):   # a proposal of a cell already made costs nothing: ask again
-                t = study.ask(dists)
-                if cell_of(base, settings_of(base, t.params))["cell_id"] not in seen:
-                    break
-            out.append(t.params)
-            seen.add(cell_of(base, settings_of(base, t.params))["cell_id"])
-    trials = []
-    for params in out:
+    def trial(params: dict) -> dict:
         settings = settings_of(base, params)
         cell = cell_of(base, settings)
-        trials.append({"params": params, "settings": settings, "cell_id": cell["cell_id"], "cell": cell})
-    return trials
+        return {"params": params, "settings": settings, "cell_id": cell["cell_id"], "cell": cell}
+
+    out = [] if st["trials"] else [trial(default_params(base))]
+    if len(out) < n:
+        study, dists = _study(base, st, base["config"]["results_dir"], base["train_key"])
+        seen = {t["cell_id"] for t in st["trials"]} | {t["cell_id"] for t in out}
+        while len(out) < n:
+            for _ in range(50):   # a proposal of a cell already made costs nothing: ask again
+                t = trial(study.ask(dists).params)
+                if t["cell_id"] not in seen:
+                    break
+            out.append(t)
+            seen.add(t["cell_id"])
+    return out
 
 
 def run_search(args: list[str], sc: SearchConfig, launch: Callable[[list[dict], str], None],
@@ -371,7 +354,7 @@ def _confirmations(b: dict, st: dict, rd) -> list[dict]:
     """The seed-s front of a base, planned again at seed s + 1 (the cells not yet measured)."""
     done = [(t, outcome(rd, t["cell_id"], b["train_key"])) for t in st["trials"]]
     done = [(t, v) for t, v in done if isinstance(v, tuple)]
-    front = [done[i][0] for i in front_indices([v for _, v in done])]
+    front = [done[i][0] for i in pareto_indices([s for _, (_, s) in done], [f for _, (f, _) in done])]
     seed = b["config"]["seed"] + 1
     st["confirm"], todo = [], []
     for t in front:

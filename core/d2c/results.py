@@ -236,3 +236,24 @@ def git_commit(repo_dir=None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return sha + ("+dirty" if dirty else "")
+
+
+def pareto_indices(x, y) -> list[int]:
+    """Indices of the points (x[i], y[i]) that no other point beats (x at least as high and y at
+    least as low, one of them strictly), highest x first; non-finite points are ignored and exact
+    duplicates of a front point stay on it.  The speed-vs-FID front: x images/s, y FID."""
+    import numpy as np
+    xv, yv = np.asarray(x, float), np.asarray(y, float)
+    idx = np.flatnonzero(np.isfinite(xv) & np.isfinite(yv))
+    order = idx[np.argsort(-xv[idx], kind="stable")]
+    keep, best, i = [], float("inf"), 0   # best: min y over points with strictly larger x
+    while i < len(order):
+        j = i
+        while j < len(order) and xv[order[j]] == xv[order[i]]:
+            j += 1
+        grp = order[i:j]
+        m = yv[grp].min()
+        if m < best:
+            keep.extend(int(g) for g in grp if yv[g] == m)
+        best, i = min(best, m), j
+    return keep
